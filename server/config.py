@@ -1,0 +1,213 @@
+"""The server's configuration: one typed dataclass, validated on construction.
+
+Every field can come from a YAML file (:meth:`ServeConfig.from_yaml`) or from CLI flags; an
+invalid value raises :class:`~pruneserve.server.errors.ConfigError` whose message names the
+field, the value, the allowed range and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pruneserve.server.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+#: Execution-provider short names, in the order of preference the server tries them.
+PROVIDER_NAMES: tuple[str, ...] = ("tensorrt", "cuda", "cpu")
+#: Engines a config may name; ``auto`` picks the artifact's recommendation, else ONNX Runtime.
+ENGINE_NAMES: tuple[str, ...] = ("auto", "onnxruntime", "openvino")
+#: Default sequence-length bucket bounds: a request joins the smallest bucket that holds it.
+DEFAULT_LENGTH_BUCKETS: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
+
+
+def _default_threads() -> int:
+    # sched_getaffinity honours cgroup/taskset limits that cpu_count ignores.
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass
+class ServeConfig:
+    """Everything ``pruneserve serve`` needs.
+
+    Attributes:
+        artifacts: artifact directories to serve (each written by ``pruneserve optimize``).
+        host, grpc_port: where the gRPC server listens.
+        metrics_host, metrics_port: where Prometheus scrapes ``/metrics`` (port 0 = off).
+        max_batch_size: most requests' items computed in one engine run.
+        max_queue_delay_ms: how long the first queued item may wait for batch-mates.
+        max_queue_size: most items waiting per model; beyond it requests fail at once with
+            RESOURCE_EXHAUSTED instead of queueing without bound.
+        threads: ONNX Runtime intra-op threads per session (default: available cores
+            divided by ``workers``).
+        workers: engine runs that may execute at the same time (thread pool size).
+        providers: execution providers in order of preference (``tensorrt``, ``cuda``,
+            ``cpu``); unavailable ones are skipped, and the providers the session really
+            got are logged and exported as a metric.
+        engine: ``auto`` | ``onnxruntime`` | ``openvino``.
+        max_sequence_length: longest accepted token sequence (None = the artifact's).
+        truncate: cut over-long texts to the limit instead of refusing them.
+        length_buckets: upper bounds of sequence-length buckets for batching.
+        isolate_batch_variant: run artifacts whose manifest says ``batch_invariant: false``
+            (dynamic INT8) one request per execution, so an answer never depends on others.
+        max_message_bytes: largest gRPC message accepted or sent.
+        grace_seconds: how long shutdown waits for accepted work.
+        tls_cert, tls_key, tls_client_ca: PEM paths; cert+key enable TLS, client CA enables mTLS.
+        shadow_rate: fraction of requests also run on the artifact's unpruned reference
+            model in the background, to measure live fidelity (0 = off).
+        tensorrt_fp16, tensorrt_int8, tensorrt_cache_dir: TensorRT provider options.
+    """
+
+    artifacts: list[str] = field(default_factory=list)
+    host: str = "0.0.0.0"
+    grpc_port: int = 8001
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 8002
+    max_batch_size: int = 32
+    max_queue_delay_ms: float = 2.0
+    max_queue_size: int = 1024
+    threads: int | None = None
+    workers: int = 1
+    providers: list[str] = field(default_factory=lambda: ["cpu"])
+    engine: str = "auto"
+    max_sequence_length: int | None = None
+    truncate: bool = False
+    length_buckets: list[int] = field(default_factory=lambda: list(DEFAULT_LENGTH_BUCKETS))
+    isolate_batch_variant: bool = False
+    max_message_bytes: int = 64 * 1024 * 1024
+    grace_seconds: float = 10.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    shadow_rate: float = 0.0
+    tensorrt_fp16: bool = True
+    tensorrt_int8: bool = False
+    tensorrt_cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.artifacts, (str, os.PathLike)):
+            self.artifacts = [str(self.artifacts)]
+        self.artifacts = [str(a) for a in self.artifacts]
+        if isinstance(self.providers, str):
+            self.providers = [p.strip() for p in self.providers.split(",") if p.strip()]
+        self.providers = [_provider_short_name(p) for p in self.providers]
+        if self.threads is None:
+            self.threads = max(1, _default_threads() // max(1, int(self.workers)))
+        self._validate()
+
+    # -- validation ----------------------------------------------------------------------
+    def _validate(self) -> None:
+        for name in ("grpc_port", "metrics_port"):
+            _check_int(name, getattr(self, name), 0, 65535, "a TCP port (0 = pick a free one / off)")
+        _check_int("max_batch_size", self.max_batch_size, 1, 4096, "e.g. 32")
+        _check_int("max_queue_size", self.max_queue_size, 1, 10_000_000, "e.g. 1024")
+        _check_int("threads", self.threads, 1, 1024, "intra-op threads per session, e.g. the core count")
+        _check_int("workers", self.workers, 1, 256, "concurrent engine runs, e.g. 1 on CPU, 2 on GPU")
+        _check_int("max_message_bytes", self.max_message_bytes, 1024, 2**31 - 1, "e.g. 67108864")
+        _check_float("max_queue_delay_ms", self.max_queue_delay_ms, 0.0, 10_000.0)
+        _check_float("grace_seconds", self.grace_seconds, 0.0, 3600.0)
+        _check_float("shadow_rate", self.shadow_rate, 0.0, 1.0)
+        if self.max_sequence_length is not None:
+            _check_int("max_sequence_length", self.max_sequence_length, 2, 1_000_000, "e.g. 512, or omit")
+        if not self.providers:
+            raise ConfigError(f"providers is empty; list at least one of {PROVIDER_NAMES} (e.g. ['cpu'])")
+        if len(set(self.providers)) != len(self.providers):
+            raise ConfigError(f"providers {self.providers!r} names a provider twice; list each once")
+        if self.engine not in ENGINE_NAMES:
+            raise ConfigError(f"engine {self.engine!r} is not one of {ENGINE_NAMES}; use 'auto' to let the artifact choose")
+        if not self.length_buckets or any(
+            not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in self.length_buckets
+        ):
+            raise ConfigError(
+                f"length_buckets {self.length_buckets!r} must be a non-empty list of positive integers, e.g. [32, 128, 512]"
+            )
+        self.length_buckets = sorted(set(self.length_buckets))
+        for name in ("truncate", "isolate_batch_variant", "tensorrt_fp16", "tensorrt_int8"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert and tls_key must be given together (PEM paths), or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError("tls_client_ca (mutual TLS) needs tls_cert and tls_key as well")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            value = getattr(self, name)
+            if value and not Path(value).is_file():
+                raise ConfigError(f"{name} {value!r} is not a readable file; give the path of a PEM file")
+
+    # -- (de)serialisation ---------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dictionary of every field (YAML/JSON-serialisable)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ServeConfig:
+        """Build a config from a mapping; keys may use ``-`` or ``_``; unknown keys are refused."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"the configuration must be a mapping of field: value, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {str(k).replace("-", "_"): v for k, v in data.items()}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ConfigError(f"unknown configuration keys {unknown}; valid keys are {sorted(names)}")
+        return cls(**kwargs)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> ServeConfig:
+        """Read a YAML file of ``field: value`` pairs (safe loader only)."""
+        import yaml  # local: only this entry point needs it
+
+        p = Path(path)
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+        return cls.from_dict(data)
+
+    # -- derived -------------------------------------------------------------------------
+    @property
+    def max_queue_delay_s(self) -> float:
+        """The queue delay in seconds."""
+        return self.max_queue_delay_ms / 1000.0
+
+
+_PROVIDER_ALIASES = {
+    "tensorrtexecutionprovider": "tensorrt",
+    "trt": "tensorrt",
+    "cudaexecutionprovider": "cuda",
+    "gpu": "cuda",
+    "cpuexecutionprovider": "cpu",
+}
+
+
+def _provider_short_name(name: Any) -> str:
+    if not isinstance(name, str):
+        raise ConfigError(f"provider {name!r} must be a string, one of {PROVIDER_NAMES}")
+    key = name.strip().lower()
+    key = _PROVIDER_ALIASES.get(key, key)
+    if key not in PROVIDER_NAMES:
+        raise ConfigError(f"provider {name!r} is unknown; use names from {PROVIDER_NAMES}")
+    return key
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int, hint: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ConfigError(f"{name}={value!r} is invalid: expected an integer in [{lo}, {hi}] ({hint})")
+
+
+def _check_float(name: str, value: Any, lo: float, hi: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= float(value) <= hi:
+        raise ConfigError(f"{name}={value!r} is invalid: expected a number in [{lo}, {hi}]")
+
+
+__all__ = ["DEFAULT_LENGTH_BUCKETS", "ENGINE_NAMES", "PROVIDER_NAMES", "ServeConfig"]
