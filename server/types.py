@@ -85,6 +85,8 @@ class TensorSpec:
     name: str
     datatype: str
     shape: list[int]
+    #: Whether a request may leave this input out (Triton's ``optional``).
+    optional: bool = False
 
 
 @dataclass

@@ -1,0 +1,334 @@
+"""Dynamic batching across concurrent requests, one :class:`DynamicBatcher` per model version.
+
+What happens to a request here (it arrives already validated and tokenized, so nothing in
+this module can fail because of another request's content):
+
+1. :meth:`DynamicBatcher.submit` refuses it at once with RESOURCE_EXHAUSTED when
+   ``max_queue_size`` requests are already waiting (bounded memory, fast back-pressure), else
+   puts it in the queue of its *length bucket* (the smallest configured bound that holds its
+   longest sequence), so short texts are not padded to long ones.
+2. The scheduler picks the bucket whose oldest request is ready: the bucket holds
+   ``max_batch_size`` items, or that request has waited ``max_queue_delay``. It then waits for
+   a free worker and only then takes the batch, so requests that arrived meanwhile join it.
+   Requests whose deadline passed or whose caller went away are dropped, never computed.
+3. The batch runs in the worker thread pool (off the event loop). If the run fails, each
+   request is retried alone, so a request that breaks the engine fails only itself.
+
+``workers`` engine runs proceed at once across all models (one shared semaphore and pool).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pruneserve.server.errors import DeadlineExceededError, ResourceExhaustedError, ServerError, UnavailableError
+from pruneserve.server.metrics import Metrics
+from pruneserve.server.runtime import ExecutionTimes, ModelRuntime, Prepared
+from pruneserve.server.statistics import StatsRecorder
+
+logger = logging.getLogger(__name__)
+
+Result = dict[str, np.ndarray]
+
+
+@dataclass(eq=False)
+class Work:
+    """One queued request."""
+
+    prepared: Prepared
+    future: asyncio.Future[Result]
+    deadline: float | None
+    request_id: str
+    enqueued: float = field(default_factory=time.monotonic)
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+
+class ExecutionError(ServerError):
+    """An engine run failed for a reason that is not the caller's (details are in the server log)."""
+
+
+class DynamicBatcher:
+    """Queues one model version's requests and runs them in batches.
+
+    Args:
+        runtime: the model to run.
+        executor: thread pool the engine runs in (shared by every model).
+        slots: limits concurrent engine runs (shared by every model; ``workers`` permits).
+        max_batch_size: most items per engine run.
+        max_queue_delay_s: how long the oldest request may wait for batch-mates.
+        max_queue_size: most queued requests; more are refused with RESOURCE_EXHAUSTED.
+        length_buckets: sorted upper bounds of the sequence-length buckets.
+        isolate: run one request per execution (for artifacts that are not batch-invariant
+            when the operator asks for isolation).
+    """
+
+    def __init__(
+        self,
+        runtime: ModelRuntime,
+        *,
+        executor: Executor,
+        slots: asyncio.Semaphore,
+        max_batch_size: int,
+        max_queue_delay_s: float,
+        max_queue_size: int,
+        length_buckets: Sequence[int],
+        isolate: bool = False,
+        metrics: Metrics | None = None,
+        stats: StatsRecorder | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self._executor = executor
+        self._slots = slots
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self.max_queue_size = max_queue_size
+        self.bounds = sorted(length_buckets)
+        self.isolate = isolate
+        self._metrics = metrics
+        self.stats = stats if stats is not None else StatsRecorder(runtime.name, runtime.version)
+        # One queue per bucket, plus one for sequences longer than the largest bound.
+        self._queues: list[deque[Work]] = [deque() for _ in range(len(self.bounds) + 1)]
+        self._pending = 0
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._arrival = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._flush = False
+        self._closed = False
+        self._task: asyncio.Task[None] | None = None
+
+    # -- public ----------------------------------------------------------------------------
+    @property
+    def pending(self) -> int:
+        """Requests waiting in the queue (not yet executing)."""
+        return self._pending
+
+    def start(self) -> None:
+        """Start the scheduler on the running event loop."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._schedule(), name=f"batcher-{self.runtime.name}-{self.runtime.version}"
+            )
+
+    def bucket_of(self, length: int) -> int:
+        """Index of the bucket a request of padded length ``length`` joins."""
+        return bisect.bisect_left(self.bounds, length)
+
+    def submit(self, prepared: Prepared, deadline: float | None = None, request_id: str = "") -> asyncio.Future[Result]:
+        """Queue a prepared request; the future resolves to its raw output arrays.
+
+        Raises :class:`ResourceExhaustedError` when the queue is full and
+        :class:`UnavailableError` once the batcher is closing.
+        """
+        if self._closed or self._flush:
+            raise UnavailableError("the server is shutting down and accepts no new requests; retry on another replica")
+        if self._pending >= self.max_queue_size:
+            raise ResourceExhaustedError(
+                f"model {self.runtime.name!r} has {self._pending} requests queued (max_queue_size "
+                f"{self.max_queue_size}); retry with backoff or add replicas"
+            )
+        fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._queues[self.bucket_of(prepared.length)].append(Work(prepared, fut, deadline, request_id))
+        self._pending += 1
+        self._idle.clear()
+        self._publish_pending()
+        self._arrival.set()
+        return fut
+
+    async def drain(self) -> None:
+        """Run everything queued without waiting for batch-mates, and wait until all of it finished."""
+        self._flush = True
+        self._arrival.set()
+        await self._idle.wait()
+
+    async def close(self, reason: ServerError | None = None) -> None:
+        """Stop the scheduler and fail whatever is still queued with ``reason``."""
+        self._closed = True
+        self._flush = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        err = reason or UnavailableError("the server shut down before this request ran; retry")
+        for q in self._queues:
+            while q:
+                w = q.popleft()
+                if not w.future.done():
+                    w.future.set_exception(err)
+        self._pending = 0
+        self._publish_pending()
+        self._check_idle()
+
+    # -- scheduling ------------------------------------------------------------------------
+    async def _schedule(self) -> None:
+        while True:
+            bucket = await self._ready_bucket()
+            await self._slots.acquire()
+            try:
+                batch = self._take(bucket)
+            except BaseException:
+                self._slots.release()
+                raise
+            if not batch:
+                self._slots.release()
+                self._check_idle()
+                continue
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    async def _ready_bucket(self) -> int:
+        """Wait until some bucket should run; return the one whose head has waited longest."""
+        while True:
+            self._arrival.clear()
+            now = time.monotonic()
+            self._drop_dead_heads(now)
+            heads = [(q[0].enqueued, i) for i, q in enumerate(self._queues) if q]
+            if not heads:
+                self._check_idle()
+                await self._arrival.wait()
+                continue
+            ready = [
+                (t, i) for t, i in heads
+                if self._flush or self.isolate or now - t >= self.max_queue_delay_s
+                or sum(w.prepared.size for w in self._queues[i]) >= self.max_batch_size
+            ]  # fmt: skip
+            if ready:
+                return min(ready)[1]
+            wait = min(t for t, _ in heads) + self.max_queue_delay_s - now
+            try:
+                await asyncio.wait_for(self._arrival.wait(), timeout=max(wait, 0.0))
+            except asyncio.TimeoutError:
+                pass
+
+    def _drop_dead_heads(self, now: float) -> None:
+        # Only heads matter for readiness; deeper dead work is dropped in _take.
+        for q in self._queues:
+            while q and (q[0].future.done() or q[0].expired(now)):
+                self._drop(q.popleft(), now)
+
+    def _drop(self, w: Work, now: float) -> None:
+        self._pending -= 1
+        self._publish_pending()
+        if not w.future.done():
+            w.future.set_exception(
+                DeadlineExceededError(
+                    f"the request's deadline passed after {1000 * (now - w.enqueued):.1f} ms in the queue, "
+                    "before it could run; raise the client timeout or add capacity"
+                )
+            )
+        logger.debug("dropped queued request %s (deadline passed or caller gone)", w.request_id)
+
+    def _take(self, bucket: int) -> list[Work]:
+        """Pop up to ``max_batch_size`` items of live work from ``bucket`` (FIFO)."""
+        q = self._queues[bucket]
+        now = time.monotonic()
+        batch: list[Work] = []
+        items = 0
+        while q:
+            w = q[0]
+            if w.future.done() or w.expired(now):
+                self._drop(q.popleft(), now)
+                continue
+            if batch and (self.isolate or items + w.prepared.size > self.max_batch_size):
+                break
+            batch.append(q.popleft())
+            self._pending -= 1
+            items += w.prepared.size
+        self._publish_pending()
+        return batch
+
+    # -- execution -------------------------------------------------------------------------
+    async def _run(self, batch: list[Work]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            started = time.monotonic()
+            for w in batch:
+                waited = started - w.enqueued
+                self.stats.queued(int(waited * 1e9))
+                if self._metrics is not None:
+                    self._metrics.observe_queue(self.runtime.name, self.runtime.version, waited)
+            outcomes = await loop.run_in_executor(self._executor, self._execute, [w.prepared for w in batch])
+            for w, outcome in zip(batch, outcomes):
+                if w.future.done():  # deadline passed or caller cancelled while computing
+                    continue
+                if isinstance(outcome, BaseException):
+                    w.future.set_exception(outcome)
+                else:
+                    w.future.set_result(outcome)
+        except BaseException as exc:  # executor shut down, or this task cancelled at close
+            for w in batch:
+                if not w.future.done():
+                    w.future.set_exception(UnavailableError("the server shut down while this request ran; retry"))
+            if not isinstance(exc, (asyncio.CancelledError, RuntimeError)):
+                raise
+        finally:
+            self._slots.release()
+            self._inflight.discard(asyncio.current_task())  # type: ignore[arg-type]
+            self._check_idle()
+
+    def _execute(self, batch: list[Prepared]) -> list[Result | BaseException]:
+        """Worker thread: run the batch; on failure run each request alone to isolate the culprit."""
+        try:
+            results, times = self.runtime.execute(batch)
+        except Exception:
+            if len(batch) == 1:
+                logger.exception("model %s version %s: execution failed", self.runtime.name, self.runtime.version)
+                return [ExecutionError("the model failed to compute this request; the server log has details")]
+            logger.warning(
+                "model %s version %s: a batch of %d requests failed; retrying each alone",
+                self.runtime.name, self.runtime.version, len(batch), exc_info=True,
+            )
+            outcomes: list[Result | BaseException] = []
+            for p in batch:
+                outcomes.extend(self._execute([p]))
+            return outcomes
+        self._record(batch, times)
+        return list(results)
+
+    def _record(self, batch: list[Prepared], times: ExecutionTimes) -> None:
+        items = sum(p.size for p in batch)
+        self.stats.execution(items, len(batch), times.input_ns, times.infer_ns, times.output_ns)
+        if self._metrics is not None:
+            length = max(p.length for p in batch)
+            self._metrics.observe_execution(
+                self.runtime.name, self.runtime.version, items, times.total_ns / 1e9,
+                tokens=sum(p.encoded.tokens for p in batch), padded_tokens=items * length,
+            )
+
+    # -- bookkeeping -----------------------------------------------------------------------
+    def _publish_pending(self) -> None:
+        if self._metrics is not None:
+            self._metrics.set_pending(self.runtime.name, self._pending, self.runtime.version)
+
+    def _check_idle(self) -> None:
+        if self._pending == 0 and not self._inflight:
+            self._idle.set()
+
+    def describe(self) -> dict[str, Any]:
+        """The batching policy, for logs and model config."""
+        return {
+            "max_batch_size": self.max_batch_size,
+            "max_queue_delay_s": self.max_queue_delay_s,
+            "max_queue_size": self.max_queue_size,
+            "length_buckets": list(self.bounds),
+            "isolate": self.isolate,
+        }
+
+
+__all__ = ["DynamicBatcher", "ExecutionError", "Work"]

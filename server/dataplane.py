@@ -1,0 +1,322 @@
+"""The transport-free data plane: everything the server does, without gRPC.
+
+The gRPC servicer is a thin layer over :class:`DataPlane` (the shape of KServe's
+``kserve.protocol.dataplane``): it converts protos to :mod:`pruneserve.server.types`, calls one
+method here, and maps :class:`~pruneserve.server.errors.ServerError` subclasses to status codes.
+
+One request's path: :meth:`DataPlane.infer` -> :meth:`ModelRuntime.prepare` (validate and
+tokenize, in a small thread pool) -> :class:`DynamicBatcher` (queue, length bucket, deadline)
+-> :meth:`ModelRuntime.execute` (worker thread, engine run) -> :meth:`ModelRuntime.make_outputs`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from pruneserve import __version__
+from pruneserve.server.batcher import DynamicBatcher
+from pruneserve.server.config import ServeConfig
+from pruneserve.server.errors import DeadlineExceededError, ServerError, UnavailableError
+from pruneserve.server.metrics import UNKNOWN_MODEL, Metrics
+from pruneserve.server.repository import LoadFailure, ModelRepository
+from pruneserve.server.runtime import ModelRuntime, Prepared
+from pruneserve.server.statistics import StatsRecorder
+from pruneserve.server.types import (
+    InferRequest,
+    InferResponse,
+    ModelConfigInfo,
+    ModelMetadata,
+    ModelStats,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Triton's platform string for ONNX models (clients and perf_analyzer read it).
+PLATFORM = "onnxruntime_onnx"
+SERVER_NAME = "pruneserve"
+#: Protocol extensions the data plane implements (KServe v2 / Triton names).
+EXTENSIONS: tuple[str, ...] = ("model_configuration", "statistics")
+
+Key = tuple[str, str]
+
+
+class DataPlane:
+    """Models, batching, inference, metadata and statistics behind one asyncio API.
+
+    Lifecycle: ``await start()`` loads every artifact (a refused one is logged and counted,
+    the others serve); ``await stop(grace)`` refuses new requests with UNAVAILABLE, lets the
+    accepted ones finish for up to ``grace`` seconds, then fails what is left and releases
+    the engines. All methods are called from the event loop's thread.
+    """
+
+    def __init__(self, config: ServeConfig, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.repository = ModelRepository(config, self.metrics)
+        self._batchers: dict[Key, DynamicBatcher] = {}
+        self._stats: dict[Key, StatsRecorder] = {}
+        self._workers: ThreadPoolExecutor | None = None
+        self._prep: ThreadPoolExecutor | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._started = False
+        self._stopping = False
+        self._stopped = False
+        self._shadow_tasks: set[asyncio.Future[Any]] = set()
+        self._shadow_pool: ThreadPoolExecutor | None = None
+        self._rng = random.Random()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load every configured artifact and start a batcher per model version."""
+        if self._started:
+            return
+        loop = asyncio.get_running_loop()
+        self._workers = ThreadPoolExecutor(self.config.workers, thread_name_prefix="pruneserve-engine")
+        self._prep = ThreadPoolExecutor(min(4, max(1, self.config.threads or 1)), thread_name_prefix="pruneserve-prep")
+        self._slots = asyncio.Semaphore(self.config.workers)
+        # Loading builds ONNX Runtime sessions (seconds for real models): keep the loop free.
+        await loop.run_in_executor(self._prep, self.repository.load_all, list(self.config.artifacts))
+        for rt in self.repository.runtimes():
+            self._add_batcher(rt)
+        self._started = True
+        if not self._batchers:
+            logger.error("no model could be loaded from %d artifact(s); the server is not ready", len(self.config.artifacts))
+        else:
+            logger.info("serving %s", ", ".join(f"{n}:{v}" for n, v in sorted(self._batchers)))
+
+    def _add_batcher(self, rt: ModelRuntime) -> None:
+        assert self._workers is not None and self._slots is not None
+        key = (rt.name, rt.version)
+        stats = StatsRecorder(rt.name, rt.version)
+        batcher = DynamicBatcher(
+            rt,
+            executor=self._workers,
+            slots=self._slots,
+            max_batch_size=self.config.max_batch_size,
+            max_queue_delay_s=self.config.max_queue_delay_s,
+            max_queue_size=self.config.max_queue_size,
+            length_buckets=self.config.length_buckets,
+            isolate=self.config.isolate_batch_variant and not rt.batch_invariant,
+            metrics=self.metrics,
+            stats=stats,
+        )
+        batcher.start()
+        self._batchers[key], self._stats[key] = batcher, stats
+        self.metrics.set_model_ready(rt.name, rt.version, True)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Refuse new work, finish accepted work within ``grace`` seconds, then release everything."""
+        if self._stopped:
+            return
+        grace = self.config.grace_seconds if grace is None else grace
+        self._stopping = True
+        for name, version in self._batchers:
+            self.metrics.set_model_ready(name, version, False)
+        batchers = list(self._batchers.values())
+        if batchers:
+            try:
+                await asyncio.wait_for(asyncio.gather(*(b.drain() for b in batchers)), timeout=max(grace, 0.0))
+            except asyncio.TimeoutError:
+                logger.warning("shutdown grace of %.1f s ran out; failing requests still queued", grace)
+        for b in batchers:
+            await b.close(UnavailableError("the server shut down before this request ran; retry"))
+        for t in list(self._shadow_tasks):
+            t.cancel()
+        for pool in (self._workers, self._prep, self._shadow_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        self.repository.close()
+        self._stopped = True
+        logger.info("data plane stopped")
+
+    # -- health ----------------------------------------------------------------------------
+    def live(self) -> bool:
+        """The process can serve health checks (true until :meth:`stop` completes)."""
+        return not self._stopped
+
+    def ready(self) -> bool:
+        """Started, not shutting down, and at least one model loaded and ready."""
+        return self._started and not self._stopping and bool(self._batchers)
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        """Whether ``name`` (at ``version``; ``""`` = latest) is loaded and accepting requests."""
+        if not self._started or self._stopping:
+            return False
+        return self.repository.has(name, version)
+
+    @property
+    def load_failures(self) -> list[LoadFailure]:
+        """Artifacts refused at start."""
+        return list(self.repository.failures)
+
+    # -- metadata --------------------------------------------------------------------------
+    def server_metadata(self) -> dict[str, Any]:
+        """Server name, version and supported protocol extensions."""
+        return {"name": SERVER_NAME, "version": __version__, "extensions": list(EXTENSIONS)}
+
+    def model_names(self) -> list[str]:
+        """Names of the loaded models."""
+        return self.repository.names()
+
+    def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
+        """KServe v2 model metadata (shapes include the batch dimension)."""
+        rt = self.repository.get(name, version)
+        return ModelMetadata(
+            name=rt.name,
+            versions=self.repository.versions(rt.name),
+            platform=PLATFORM,
+            inputs=rt.input_specs(with_batch=True),
+            outputs=rt.output_specs(with_batch=True),
+        )
+
+    def model_config(self, name: str, version: str = "") -> ModelConfigInfo:
+        """Triton-style model configuration (shapes exclude the batch dimension)."""
+        rt = self.repository.get(name, version)
+        batcher = self._batchers.get((rt.name, rt.version))
+        isolate = batcher.isolate if batcher is not None else False
+        params = {
+            "task": rt.manifest.task,
+            "batch_invariant": str(rt.batch_invariant).lower(),
+            "max_sequence_length": str(rt.max_sequence_length),
+            "length_buckets": ",".join(str(b) for b in self.config.length_buckets),
+            "providers": ",".join(rt.engine.providers),
+            "truncate": str(self.config.truncate).lower(),
+            "isolate_batch_variant": str(isolate).lower(),
+        }
+        if rt.manifest.labels:
+            params["labels"] = ",".join(rt.manifest.labels)
+        return ModelConfigInfo(
+            name=rt.name,
+            version=rt.version,
+            max_batch_size=self.config.max_batch_size,
+            inputs=rt.input_specs(with_batch=False),
+            outputs=rt.output_specs(with_batch=False),
+            max_queue_delay_us=int(round(self.config.max_queue_delay_ms * 1000)),
+            preferred_batch_sizes=[],
+            max_queue_size=self.config.max_queue_size,
+            backend=rt.engine.name,
+            platform=PLATFORM,
+            parameters=params,
+        )
+
+    def model_statistics(self, name: str = "", version: str = "") -> list[ModelStats]:
+        """Cumulative statistics of one model (all its versions when ``version`` is empty) or all."""
+        if not name:
+            return [self._stats[k].snapshot() for k in sorted(self._stats)]
+        if version:
+            rt = self.repository.get(name, version)
+            return [self._stats[(rt.name, rt.version)].snapshot()]
+        if not self.repository.has(name):
+            self.repository.get(name)  # raises NotFoundError with the available names
+        return [self._stats[k].snapshot() for k in sorted(self._stats) if k[0] == name]
+
+    # -- inference -------------------------------------------------------------------------
+    async def infer(self, request: InferRequest, deadline: float | None = None) -> InferResponse:
+        """Answer one request; ``deadline`` is a :func:`time.monotonic` instant or None.
+
+        Raises a :class:`ServerError` subclass for every failure a caller can see; anything
+        unexpected is logged with the request id and reported as a bare INTERNAL error.
+        """
+        t0 = time.monotonic()
+        rid = request.id or uuid.uuid4().hex[:16]
+        model, version = UNKNOWN_MODEL, ""
+        outcome = "internal"
+        stats: StatsRecorder | None = None
+        try:
+            if not self._started or self._stopping:
+                raise UnavailableError("the server is not accepting requests (starting or shutting down); retry")
+            rt = self.repository.get(request.model, request.version)
+            model, version = rt.name, rt.version
+            stats = self._stats.get((model, version))
+            batcher = self._batchers.get((model, version))
+            if batcher is None or stats is None:  # pragma: no cover - loaded models always have one
+                raise UnavailableError(f"model {model!r} version {version} is not ready; retry")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeadlineExceededError("the request's deadline had passed when it arrived; raise the client timeout")
+            prepared = await self._prepare(rt, request)
+            future = batcher.submit(prepared, deadline, rid)
+            raw = await self._wait(future, deadline)
+            response = InferResponse(model, version, rt.make_outputs(prepared, raw), id=request.id)
+            outcome = "success"
+            self._maybe_shadow(rt, prepared, raw)
+            return response
+        except ServerError as exc:
+            outcome = exc.reason
+            log = logger.warning if exc.reason == "internal" else logger.info
+            log("request %s model=%s version=%s failed: %s %s", rid, request.model, request.version or "latest", exc.code, exc)
+            raise
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            logger.info("request %s model=%s cancelled by the caller", rid, request.model)
+            raise
+        except Exception:
+            logger.exception("request %s model=%s: unexpected error", rid, request.model)
+            raise ServerError(f"internal error while serving request {rid}; the server log has details") from None
+        finally:
+            elapsed = time.monotonic() - t0
+            self.metrics.observe_request(model, version, outcome, elapsed)
+            if stats is not None and outcome != "not_found":
+                stats.request_done(outcome == "success", int(elapsed * 1e9))
+            logger.debug(
+                "request %s model=%s version=%s outcome=%s duration_ms=%.3f",
+                rid, model, version, outcome, elapsed * 1000,
+                extra={"request_id": rid, "model": model, "version": version, "outcome": outcome},
+            )
+
+    async def _prepare(self, rt: ModelRuntime, request: InferRequest) -> Prepared:
+        # Tokenizing a large request takes milliseconds; keep it off the event loop.
+        assert self._prep is not None
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._prep, rt.prepare, request, self.config.max_batch_size)
+
+    @staticmethod
+    async def _wait(future: asyncio.Future[dict[str, np.ndarray]], deadline: float | None) -> dict[str, np.ndarray]:
+        if deadline is None:
+            return await future
+        # On timeout wait_for cancels the future, which tells the batcher to drop the work.
+        try:
+            return await asyncio.wait_for(future, timeout=max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise DeadlineExceededError(
+                "the request's deadline passed before its answer was computed; raise the client timeout or add capacity"
+            ) from None
+
+    # -- shadow traffic --------------------------------------------------------------------
+    def _maybe_shadow(self, rt: ModelRuntime, prepared: Prepared, raw: dict[str, np.ndarray]) -> None:
+        """Re-run a sample of requests on the artifact's unpruned reference model, off the hot path."""
+        if self.config.shadow_rate <= 0 or rt.reference is None or self._rng.random() >= self.config.shadow_rate:
+            return
+        if self._shadow_pool is None:
+            self._shadow_pool = ThreadPoolExecutor(1, thread_name_prefix="pruneserve-shadow")
+        if len(self._shadow_tasks) >= 4:  # never let shadow work queue up behind real work
+            self.metrics.shadow_requests.labels(rt.name, rt.version, "dropped").inc()
+            return
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self._shadow_pool, rt.shadow_cosines, prepared, raw)
+        self._shadow_tasks.add(fut)
+
+        def done(f: asyncio.Future[Any]) -> None:
+            self._shadow_tasks.discard(f)
+            if f.cancelled():
+                return
+            if f.exception() is not None:
+                logger.warning("shadow comparison for %s failed: %s", rt.name, f.exception())
+                self.metrics.shadow_requests.labels(rt.name, rt.version, "failed").inc()
+                return
+            for c in f.result():
+                self.metrics.shadow_cosine.labels(rt.name, rt.version).observe(float(c))
+            self.metrics.shadow_requests.labels(rt.name, rt.version, "done").inc()
+
+        fut.add_done_callback(done)
+
+
+__all__ = ["DataPlane", "EXTENSIONS", "PLATFORM"]
+

@@ -1,0 +1,219 @@
+"""Every Prometheus object the server exports, in one place.
+
+A :class:`Metrics` owns its own :class:`~prometheus_client.CollectorRegistry`, so two servers
+(or two tests) in one process never share counters. The metric names are a public contract:
+alerts and dashboards in ``deploy/`` are written against them, and ``docs/metrics.md`` maps
+them to Triton's ``nv_inference_*`` names.
+
+Durations are in seconds. ``model`` and ``version`` labels only ever carry names of loaded
+models (requests for unknown models are recorded under ``model="_unknown"``), so a client
+cannot grow the label set without bound.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import start_http_server as _prom_start_http_server
+
+logger = logging.getLogger(__name__)
+
+#: Label value used for requests that name a model the server does not have.
+UNKNOWN_MODEL = "_unknown"
+
+#: Latency buckets from 100 µs to 10 s (1-2.5-5 steps): CPU INT8 encoders answer in
+#: ~1-5 ms, a queued large batch in hundreds of ms, a stuck one in seconds.
+DURATION_BUCKETS: tuple[float, ...] = (
+    0.0001, 0.00025, 0.0005,
+    0.001, 0.0025, 0.005,
+    0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+#: Batch sizes (items per execution): powers of two up to the largest sensible max_batch_size.
+BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+#: Cosine similarity between served and reference outputs (shadow traffic).
+COSINE_BUCKETS: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 0.9999, 1.0)
+
+_MV = ("model", "version")
+
+
+class Metrics:
+    """The server's Prometheus metrics on a private registry.
+
+    Args:
+        registry: where to register; a fresh :class:`CollectorRegistry` by default.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._pending: dict[tuple[str, str], int] = {}
+        self._pending_lock = threading.Lock()
+        self.requests = Counter(
+            "pruneserve_requests",
+            "Inference requests by how they ended (success or the error's reason).",
+            (*_MV, "outcome"),
+            registry=r,
+        )
+        self.inferences = Counter(
+            "pruneserve_inferences",
+            "Items (texts or token sequences) inferred; a request of batch 8 counts 8.",
+            _MV,
+            registry=r,
+        )
+        self.executions = Counter(
+            "pruneserve_executions",
+            "Engine runs (batches); inferences / executions is the mean batch size.",
+            _MV,
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "pruneserve_request_duration_seconds",
+            "Time from a request's arrival at the data plane to its answer (any outcome).",
+            _MV,
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.queue_duration = Histogram(
+            "pruneserve_queue_duration_seconds",
+            "Time a request waited in the batching queue before its batch started.",
+            _MV,
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.compute_duration = Histogram(
+            "pruneserve_compute_duration_seconds",
+            "Time of one engine run (the whole batch), including assembling inputs and splitting outputs.",
+            _MV,
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "pruneserve_batch_size",
+            "Items per engine run.",
+            _MV,
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.pending_requests = Gauge(
+            "pruneserve_pending_requests",
+            "Requests waiting in the batching queue (not yet executing).",
+            ("model",),
+            registry=r,
+        )
+        self.tokens = Counter(
+            "pruneserve_tokens",
+            "Real (non-padding) tokens inferred.",
+            _MV,
+            registry=r,
+        )
+        self.padded_tokens = Counter(
+            "pruneserve_padded_tokens",
+            "Token positions computed including padding; padded/tokens shows batching waste.",
+            _MV,
+            registry=r,
+        )
+        self.model_info = Info(
+            "pruneserve_model",
+            "What each loaded model is and how it runs (engine, provider, quantization, pruning).",
+            _MV,
+            registry=r,
+        )
+        self.model_ready = Gauge(
+            "pruneserve_model_ready",
+            "1 when the model version is loaded and accepting requests, else 0.",
+            _MV,
+            registry=r,
+        )
+        self.provider_fallback = Counter(
+            "pruneserve_provider_fallback",
+            "Sessions that did not get the first execution provider requested "
+            "(ONNX Runtime falls back silently; this makes it visible).",
+            (*_MV, "requested", "actual"),
+            registry=r,
+        )
+        self.model_load_failures = Counter(
+            "pruneserve_model_load_failures",
+            "Artifacts refused at load time (tampered, wrong schema, unloadable graph).",
+            ("reason",),
+            registry=r,
+        )
+        self.shadow_cosine = Histogram(
+            "pruneserve_shadow_cosine",
+            "Cosine similarity between the served output and the unpruned reference model's "
+            "output, for the sampled shadow requests.",
+            _MV,
+            buckets=COSINE_BUCKETS,
+            registry=r,
+        )
+        self.shadow_requests = Counter(
+            "pruneserve_shadow_requests",
+            "Requests re-run on the reference model for live fidelity, by outcome (done, dropped, failed).",
+            (*_MV, "outcome"),
+            registry=r,
+        )
+
+    # -- recording helpers (the data plane calls only these) -----------------------------
+    def observe_request(self, model: str, version: str, outcome: str, seconds: float) -> None:
+        """Record one finished request."""
+        self.requests.labels(model, version, outcome).inc()
+        self.request_duration.labels(model, version).observe(seconds)
+
+    def observe_queue(self, model: str, version: str, seconds: float) -> None:
+        """Record how long one request waited before its batch started."""
+        self.queue_duration.labels(model, version).observe(seconds)
+
+    def observe_execution(
+        self, model: str, version: str, items: int, seconds: float, tokens: int, padded_tokens: int
+    ) -> None:
+        """Record one engine run of ``items`` items."""
+        self.executions.labels(model, version).inc()
+        self.inferences.labels(model, version).inc(items)
+        self.batch_size.labels(model, version).observe(items)
+        self.compute_duration.labels(model, version).observe(seconds)
+        self.tokens.labels(model, version).inc(tokens)
+        self.padded_tokens.labels(model, version).inc(padded_tokens)
+
+    def set_pending(self, model: str, count: int, version: str = "") -> None:
+        """Set the number of queued requests of one model version; the gauge shows the model's sum."""
+        with self._pending_lock:
+            self._pending[(model, version)] = count
+            total = sum(v for (m, _), v in self._pending.items() if m == model)
+        self.pending_requests.labels(model).set(total)
+
+    def set_model_ready(self, model: str, version: str, ready: bool) -> None:
+        """Mark a model version ready (1) or not (0)."""
+        self.model_ready.labels(model, version).set(1 if ready else 0)
+
+    def set_model_info(self, model: str, version: str, info: Mapping[str, str]) -> None:
+        """Publish a model's description (values are stringified)."""
+        self.model_info.labels(model, version).info({k: str(v) for k, v in info.items()})
+
+    def record_provider_fallback(self, model: str, version: str, requested: str, actual: str) -> None:
+        """Count a session that got ``actual`` although ``requested`` was preferred."""
+        self.provider_fallback.labels(model, version, requested, actual).inc()
+
+    def record_load_failure(self, reason: str) -> None:
+        """Count an artifact refused at load time (``reason``: integrity, schema, manifest, engine...)."""
+        self.model_load_failures.labels(reason).inc()
+
+
+def start_http_server(
+    host: str, port: int, registry: CollectorRegistry
+) -> tuple[WSGIServer, threading.Thread]:
+    """Serve ``registry`` at ``http://host:port/metrics`` from a daemon thread.
+
+    Returns the WSGI server (its ``server_port`` is the bound port, useful with ``port=0``;
+    call ``shutdown()`` to stop it) and its thread.
+    """
+    server, thread = _prom_start_http_server(port, addr=host, registry=registry)
+    logger.info("metrics at http://%s:%d/metrics", host, server.server_port)
+    return server, thread
+
+
+__all__ = ["DURATION_BUCKETS", "UNKNOWN_MODEL", "Metrics", "start_http_server"]

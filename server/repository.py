@@ -1,0 +1,191 @@
+"""The model repository: loads and verifies artifacts, and finds a model by name and version.
+
+Every artifact goes through :func:`pruneserve.artifact.load_artifact` (schema version, every
+file inside the folder, sizes and sha256), then gets its engine and tokenizer. An artifact
+that fails any step is refused with one clear log line and a metric, and the others keep
+serving: one tampered folder must not take the whole server down. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from pruneserve.artifact import (
+    ArtifactError,
+    ArtifactNotFoundError,
+    IntegrityError,
+    ManifestError,
+    UnsupportedSchemaError,
+    load_artifact,
+)
+from pruneserve.server.config import ServeConfig
+from pruneserve.server.errors import ModelLoadError, NotFoundError
+from pruneserve.server.metrics import Metrics
+from pruneserve.server.runtime import ModelRuntime
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadFailure:
+    """An artifact the repository refused, and why."""
+
+    path: str
+    reason: str  # integrity | schema | manifest | not_found | engine
+    message: str
+
+
+def _failure_reason(exc: BaseException) -> str:
+    if isinstance(exc, UnsupportedSchemaError):
+        return "schema"
+    if isinstance(exc, ManifestError):
+        return "manifest"
+    if isinstance(exc, IntegrityError):
+        return "integrity"
+    if isinstance(exc, ArtifactNotFoundError):
+        return "not_found"
+    if isinstance(exc, ArtifactError):
+        return "artifact"
+    return "engine"
+
+
+class ModelRepository:
+    """Loaded model versions by name; ``version=""`` resolves to the highest version.
+
+    Thread-safe for lookups while loading happens (the data plane loads off the event loop).
+    """
+
+    def __init__(self, config: ServeConfig, metrics: Metrics | None = None) -> None:
+        self._config = config
+        self._metrics = metrics
+        self._models: dict[str, dict[str, ModelRuntime]] = {}
+        self._lock = threading.Lock()
+        self.failures: list[LoadFailure] = []
+
+    # -- loading ---------------------------------------------------------------------------
+    def load(self, path: str | os.PathLike[str]) -> ModelRuntime:
+        """Verify and load one artifact; raises :class:`ModelLoadError` naming the problem."""
+        try:
+            artifact = load_artifact(path, verify=True)
+        except ArtifactError as exc:
+            raise ModelLoadError(f"artifact {os.fspath(path)} refused: {exc}") from exc
+        name, version = artifact.manifest.name, str(artifact.manifest.version)
+        with self._lock:
+            if version in self._models.get(name, {}):
+                other = self._models[name][version].artifact.path
+                raise ModelLoadError(
+                    f"artifact {os.fspath(path)} refused: model {name!r} version {version} is already "
+                    f"served from {other}; give one of them another name or version"
+                )
+        try:
+            runtime = ModelRuntime.load(artifact, self._config)
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # a graph or tokenizer that passed sha256 but still cannot load
+            logger.debug("loading %s failed", path, exc_info=True)
+            raise ModelLoadError(f"artifact {os.fspath(path)} cannot be loaded: {exc}") from exc
+        with self._lock:
+            self._models.setdefault(name, {})[version] = runtime
+        self._publish(runtime)
+        return runtime
+
+    def load_all(self, paths: Iterable[str | os.PathLike[str]]) -> list[LoadFailure]:
+        """Load every artifact; refused ones are logged, counted and returned, the rest serve."""
+        failures: list[LoadFailure] = []
+        for path in paths:
+            try:
+                self.load(path)
+            except ModelLoadError as exc:
+                cause = exc.__cause__ if exc.__cause__ is not None else exc
+                failure = LoadFailure(os.fspath(path), _failure_reason(cause), str(exc))
+                failures.append(failure)
+                logger.error("model load failed (%s): %s", failure.reason, failure.message)
+                if self._metrics is not None:
+                    self._metrics.record_load_failure(failure.reason)
+        self.failures.extend(failures)
+        return failures
+
+    def _publish(self, rt: ModelRuntime) -> None:
+        engine = rt.engine
+        logger.info(
+            "loaded model %s version %s from %s: engine=%s providers=%s (requested %s) batch_invariant=%s max_len=%d",
+            rt.name, rt.version, rt.artifact.path, engine.name, engine.providers,
+            engine.requested_providers, rt.batch_invariant, rt.max_sequence_length,
+        )
+        if engine.fell_back:
+            logger.warning(
+                "model %s version %s asked for %s but runs on %s (ONNX Runtime fell back)",
+                rt.name, rt.version, engine.requested_providers[0], engine.providers[:1],
+            )
+        if not rt.batch_invariant:
+            logger.warning(
+                "model %s version %s is not batch-invariant (e.g. dynamic INT8): an answer may depend "
+                "slightly on its batch-mates%s",
+                rt.name, rt.version,
+                "; running it one request per execution" if self._config.isolate_batch_variant else "",
+            )
+        if self._metrics is not None:
+            self._metrics.set_model_info(rt.name, rt.version, rt.info)
+            if engine.fell_back:
+                self._metrics.record_provider_fallback(
+                    rt.name, rt.version, engine.requested_providers[0], engine.providers[0] if engine.providers else "none"
+                )
+
+    # -- lookup ----------------------------------------------------------------------------
+    def get(self, name: str, version: str = "") -> ModelRuntime:
+        """The runtime of ``name`` at ``version`` (``""`` = latest); raises :class:`NotFoundError`."""
+        with self._lock:
+            versions = self._models.get(name)
+            if not versions:
+                known = sorted(self._models)
+                raise NotFoundError(f"model {name!r} is not served here; available models: {known}")
+            if not version:
+                return versions[max(versions, key=_version_key)]
+            try:
+                return versions[version]
+            except KeyError:
+                raise NotFoundError(
+                    f"model {name!r} has no version {version!r}; available versions: {sorted(versions, key=_version_key)}"
+                ) from None
+
+    def has(self, name: str, version: str = "") -> bool:
+        """Whether ``name`` (at ``version``) is loaded."""
+        try:
+            self.get(name, version)
+        except NotFoundError:
+            return False
+        return True
+
+    def names(self) -> list[str]:
+        """Loaded model names, sorted."""
+        with self._lock:
+            return sorted(self._models)
+
+    def versions(self, name: str) -> list[str]:
+        """Loaded versions of ``name``, oldest first (empty if unknown)."""
+        with self._lock:
+            return sorted(self._models.get(name, {}), key=_version_key)
+
+    def runtimes(self) -> list[ModelRuntime]:
+        """Every loaded model version."""
+        with self._lock:
+            return [rt for versions in self._models.values() for rt in versions.values()]
+
+    def close(self) -> None:
+        """Release every engine and forget the models."""
+        with self._lock:
+            runtimes = [rt for versions in self._models.values() for rt in versions.values()]
+            self._models.clear()
+        for rt in runtimes:
+            rt.close()
+
+
+def _version_key(v: str) -> tuple[int, str]:
+    return (int(v), v) if v.isdigit() else (-1, v)
+
+
+__all__ = ["LoadFailure", "ModelRepository"]
