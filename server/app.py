@@ -1,0 +1,243 @@
+"""Builds and runs the gRPC server: transport, health, reflection, TLS and graceful shutdown.
+
+``create_server(config)`` returns a started :class:`InferenceServer` and the port it bound
+(``grpc_port=0`` picks a free one, as tests do). ``serve(config)`` is what
+``pruneserve serve`` runs: it waits for SIGTERM/SIGINT and then shuts down gracefully:
+
+1. health turns NOT_SERVING for every service (probes and watchers move away first);
+2. new RPCs are refused with UNAVAILABLE ("shutting down"), health checks excepted;
+3. RPCs already accepted run to completion, for up to ``grace_seconds``;
+4. the gRPC server stops (cancelling anything still running), then the data plane,
+   then the metrics endpoint; the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from pruneserve.server._proto import POOL
+from pruneserve.server._proto import grpc_service_pb2 as pb
+from pruneserve.server._proto import grpc_service_pb2_grpc as pb_grpc
+from pruneserve.server.config import ServeConfig
+from pruneserve.server.errors import ConfigError
+from pruneserve.server.health import HealthReporter
+from pruneserve.server.interceptors import DrainInterceptor, ErrorInterceptor
+from pruneserve.server.servicer import InferenceServicer
+
+if TYPE_CHECKING:
+    import threading
+    from wsgiref.simple_server import WSGIServer
+
+    from pruneserve.server.dataplane import DataPlane
+
+logger = logging.getLogger(__name__)
+
+INFERENCE_SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+class InferenceServer:
+    """A running server: the gRPC server, its data plane, health and shutdown state.
+
+    Built by :func:`create_server`; call :meth:`stop` (idempotent) to shut down gracefully.
+    """
+
+    def __init__(
+        self,
+        config: ServeConfig,
+        dataplane: DataPlane,
+        grpc_server: grpc.aio.Server,
+        port: int,
+        health: HealthReporter,
+        drain: DrainInterceptor,
+    ) -> None:
+        self.config = config
+        self.dataplane = dataplane
+        self.grpc_server = grpc_server
+        self.port = port
+        self.health = health
+        self._drain = drain
+        self._metrics_http: tuple[WSGIServer, threading.Thread] | None = None
+        self._stopping: asyncio.Task[None] | None = None
+
+    @property
+    def address(self) -> str:
+        """``host:port`` the server listens on."""
+        return f"{self.config.host}:{self.port}"
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The bound Prometheus port, or None when the endpoint is off."""
+        return self._metrics_http[0].server_port if self._metrics_http else None
+
+    def start_metrics_endpoint(self) -> None:
+        """Serve ``/metrics`` on ``metrics_host:metrics_port`` (a no-op when the port is 0)."""
+        if self.config.metrics_port == 0 or self._metrics_http is not None:
+            return
+        from pruneserve.server.metrics import start_http_server
+
+        try:
+            self._metrics_http = start_http_server(
+                self.config.metrics_host, self.config.metrics_port, self.dataplane.metrics.registry
+            )
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot serve metrics on {self.config.metrics_host}:{self.config.metrics_port}: {exc.strerror}; "
+                "choose another --metrics-port (0 turns the endpoint off)"
+            ) from None
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Shut down gracefully (see the module docstring); concurrent calls share one shutdown."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop(self.config.grace_seconds if grace is None else grace))
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self, grace: float) -> None:
+        deadline = time.monotonic() + grace
+        await self.health.shutdown()
+        self._drain.start_draining()
+        in_flight = self._drain.in_flight
+        logger.info("shutting down: refusing new RPCs, %d in flight, grace %.1f s", in_flight, grace)
+        if not await self._drain.wait_idle(grace):
+            logger.warning("grace of %.1f s ran out with %d RPCs still running; cancelling them", grace, self._drain.in_flight)
+        await self.grpc_server.stop(max(0.0, deadline - time.monotonic()))
+        await self.dataplane.stop(max(0.0, deadline - time.monotonic()))
+        if self._metrics_http is not None:
+            http, thread = self._metrics_http
+            http.shutdown()
+            http.server_close()
+            thread.join(timeout=1.0)
+            self._metrics_http = None
+        logger.info("server stopped")
+
+    async def wait_for_termination(self) -> None:
+        """Block until the gRPC server has stopped."""
+        await self.grpc_server.wait_for_termination()
+
+
+def _read(path: str | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
+def server_credentials(config: ServeConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from the config's PEM files, or None for plaintext.
+
+    With ``tls_client_ca`` the server requires and verifies a client certificate signed by
+    that CA (mutual TLS); without it any client may connect over TLS.
+    """
+    if not config.tls_cert:
+        return None
+    key, cert, client_ca = _read(config.tls_key), _read(config.tls_cert), _read(config.tls_client_ca)
+    assert key is not None and cert is not None  # ServeConfig requires cert and key together
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+def _grpc_options(config: ServeConfig) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        # Without this Linux lets a second server bind the same port and steal half the traffic.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def _enable_reflection(server: grpc.aio.Server) -> None:
+    # Our stubs live in a private descriptor pool (see protogen); reflection serves from that
+    # pool, so the health and reflection protos must be registered there too.
+    for file in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+        try:
+            POOL.FindFileByName(file.name)
+        except KeyError:
+            POOL.AddSerializedFile(file.serialized_pb)
+    names = (INFERENCE_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server, pool=POOL)
+
+
+async def create_server(config: ServeConfig, dataplane: DataPlane | None = None) -> tuple[InferenceServer, int]:
+    """Start a data plane (a new one unless given) and a gRPC server over it.
+
+    Returns the running server and the port it bound (useful with ``grpc_port=0``). The
+    Prometheus endpoint is not started here; :func:`serve` starts it, so tests and
+    embedding applications can run many servers in one process.
+
+    Raises:
+        ConfigError: the address cannot be bound or a TLS file cannot be read.
+    """
+    if dataplane is None:
+        from pruneserve.server.dataplane import DataPlane
+
+        dataplane = DataPlane(config)
+    await dataplane.start()
+    health = HealthReporter(dataplane)
+    drain = DrainInterceptor()
+    # Order matters: ErrorInterceptor is outermost, so it also maps DrainInterceptor's refusals.
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(), drain], options=_grpc_options(config))
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    _enable_reflection(server)
+
+    address = f"{config.host}:{config.grpc_port}"
+    try:
+        credentials = server_credentials(config)
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except OSError as exc:
+        await dataplane.stop(0)
+        raise ConfigError(f"cannot read a TLS file: {exc}; check tls_cert, tls_key and tls_client_ca") from None
+    except RuntimeError as exc:  # grpc reports a failed bind as RuntimeError
+        await dataplane.stop(0)
+        raise ConfigError(
+            f"cannot listen on {address} ({exc}); the port is in use or the host is not local: choose another "
+            "--grpc-port or --host"
+        ) from None
+    await server.start()
+    await health.start()
+    logger.info(
+        "gRPC listening on %s:%d (%s), models: %s",
+        config.host,
+        port,
+        "mutual TLS" if config.tls_client_ca else "TLS" if config.tls_cert else "plaintext",
+        ", ".join(dataplane.model_names()) or "none",
+    )
+    return InferenceServer(config, dataplane, server, port, health, drain), port
+
+
+async def serve(config: ServeConfig) -> int:
+    """Run until SIGTERM or SIGINT, then shut down gracefully; returns the exit code (0)."""
+    server, _ = await create_server(config)
+    try:
+        server.start_metrics_endpoint()
+    except ConfigError:
+        await server.stop(0)
+        raise
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            logger.info("%s received again; already shutting down", signal.Signals(signum).name)
+            return
+        logger.info("%s received: shutting down (grace %.1f s)", signal.Signals(signum).name, config.grace_seconds)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        await stop.wait()
+        await server.stop()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+    return 0
+
+
+__all__ = ["INFERENCE_SERVICE_NAME", "InferenceServer", "create_server", "serve", "server_credentials"]

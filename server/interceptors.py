@@ -1,0 +1,232 @@
+"""gRPC server interceptors: the one place domain errors become status codes.
+
+:class:`ErrorInterceptor` wraps every RPC. A :class:`~pruneserve.server.errors.ServerError`
+becomes its ``code`` with the error's own message (written for the caller). Anything else
+is a bug: the caller gets a bare INTERNAL naming only the request id, while the traceback
+goes to the server log under that id. Each RPC runs with its request id bound in a context
+variable, so every log line emitted on its behalf (data plane included) can carry it via
+:class:`RequestIdLogFilter`.
+
+:class:`DrainInterceptor` implements the refusal half of graceful shutdown: once
+:meth:`~DrainInterceptor.start_draining` is called, new RPCs (other than health checks)
+fail with UNAVAILABLE while the RPCs already running are counted until they finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from pruneserve.server.errors import ServerError, UnavailableError
+
+logger = logging.getLogger(__name__)
+
+#: The request id of the RPC being served in this task ("" outside one).
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("pruneserve_request_id", default="")
+#: Metadata key a client may set to choose the request id (a ModelInfer ``id`` takes precedence).
+REQUEST_ID_METADATA = "x-request-id"
+#: Health checks must keep answering (NOT_SERVING) while the server drains.
+_ALWAYS_ALLOWED_PREFIXES: tuple[str, ...] = ("/grpc.health.v1.Health/",)
+
+_Behavior = Callable[..., Any]
+
+
+def bind_request_id(request_id: str) -> str:
+    """Bind ``request_id`` (or a fresh one when empty) to the current task; returns it."""
+    rid = request_id or uuid.uuid4().hex[:16]
+    REQUEST_ID.set(rid)
+    return rid
+
+
+class RequestIdLogFilter(logging.Filter):
+    """Adds ``record.request_id`` (the current RPC's id, or ``-``) to every log record.
+
+    Install it on the handlers of an entry point's logging configuration and use
+    ``%(request_id)s`` in the format, or read the attribute in a JSON formatter.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            record.request_id = REQUEST_ID.get() or "-"
+        return True
+
+
+def _status_code(error: ServerError) -> grpc.StatusCode:
+    try:
+        return grpc.StatusCode[error.code]
+    except KeyError:
+        return grpc.StatusCode.INTERNAL
+
+
+def _request_id(request: Any, context: grpc.aio.ServicerContext) -> str:
+    rid = getattr(request, "id", "") if request is not None else ""
+    if not rid:
+        for key, value in context.invocation_metadata() or ():
+            if key == REQUEST_ID_METADATA:
+                rid = value if isinstance(value, str) else value.decode("utf-8", "replace")
+                break
+    return bind_request_id(rid if isinstance(rid, str) else "")
+
+
+def _rewrap(handler: grpc.RpcMethodHandler, wrap_unary: Callable[[_Behavior], _Behavior],
+            wrap_stream: Callable[[_Behavior], _Behavior]) -> grpc.RpcMethodHandler:
+    """A handler of the same kind whose behaviour is wrapped (unary or streaming response)."""
+    kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(wrap_unary(handler.unary_unary), **kw)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(wrap_unary(handler.stream_unary), **kw)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(wrap_stream(handler.unary_stream), **kw)
+    return grpc.stream_stream_rpc_method_handler(wrap_stream(handler.stream_stream), **kw)
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps exceptions to gRPC status codes and logs each failure with its request id."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+
+        def wrap_unary(behavior: _Behavior) -> _Behavior:
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                rid = _request_id(request if not _is_iterator(request) else None, context)
+                try:
+                    return await behavior(request, context)
+                except Exception as exc:  # noqa: BLE001 - this is the one place that maps them all
+                    await self._abort(context, exc, method, rid, request)
+
+            return unary
+
+        def wrap_stream(behavior: _Behavior) -> _Behavior:
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                rid = _request_id(request if not _is_iterator(request) else None, context)
+                try:
+                    async for response in behavior(request, context):
+                        yield response
+                except Exception as exc:  # noqa: BLE001
+                    await self._abort(context, exc, method, rid, request)
+
+            return stream
+
+        return _rewrap(handler, wrap_unary, wrap_stream)
+
+    @staticmethod
+    async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str, rid: str, request: Any) -> None:
+        if isinstance(exc, grpc.aio.AbortError):
+            raise exc  # a handler already chose its status
+        model = getattr(request, "model_name", "") or getattr(request, "name", "")
+        extra = {"rpc": method, "request_id": rid, "model": model}
+        if isinstance(exc, ServerError):
+            code = _status_code(exc)
+            extra["code"] = code.name
+            # Caller mistakes are routine: INFO, no traceback, never at WARNING volume.
+            level = logging.ERROR if code is grpc.StatusCode.INTERNAL else logging.INFO
+            logger.log(level, "%s %s -> %s: %s", method, rid, code.name, exc, extra=extra)
+            await context.abort(code, str(exc))
+        extra["code"] = "INTERNAL"
+        logger.error("%s %s -> INTERNAL (unexpected)", method, rid, exc_info=exc, extra=extra)
+        await context.abort(
+            grpc.StatusCode.INTERNAL, f"internal error (request id {rid}); the server log has the details"
+        )
+
+
+def _is_iterator(request: Any) -> bool:
+    return hasattr(request, "__aiter__")
+
+
+class DrainInterceptor(grpc.aio.ServerInterceptor):
+    """Counts RPCs in flight and, once draining, refuses new ones with UNAVAILABLE."""
+
+    def __init__(self) -> None:
+        self._draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def draining(self) -> bool:
+        """Whether new RPCs are being refused."""
+        return self._draining
+
+    @property
+    def in_flight(self) -> int:
+        """RPCs accepted and not yet finished."""
+        return self._in_flight
+
+    def start_draining(self) -> None:
+        """Refuse every RPC that arrives from now on (health checks excepted)."""
+        self._draining = True
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the RPCs in flight to finish; True if they did."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:  # an alias of TimeoutError from Python 3.11
+            return False
+        return True
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(_ALWAYS_ALLOWED_PREFIXES):
+            return handler
+
+        def wrap_unary(behavior: _Behavior) -> _Behavior:
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                self._enter()
+                try:
+                    return await behavior(request, context)
+                finally:
+                    self._leave()
+
+            return unary
+
+        def wrap_stream(behavior: _Behavior) -> _Behavior:
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                self._enter()
+                try:
+                    async for response in behavior(request, context):
+                        yield response
+                finally:
+                    self._leave()
+
+            return stream
+
+        return _rewrap(handler, wrap_unary, wrap_stream)
+
+    def _enter(self) -> None:
+        if self._draining:
+            raise UnavailableError("the server is shutting down; retry on another replica")
+        self._in_flight += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._idle.set()
+
+
+__all__ = [
+    "REQUEST_ID",
+    "REQUEST_ID_METADATA",
+    "DrainInterceptor",
+    "ErrorInterceptor",
+    "RequestIdLogFilter",
+    "bind_request_id",
+]

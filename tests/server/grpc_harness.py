@@ -1,0 +1,77 @@
+"""Run a real pruneserve gRPC server in a background thread for synchronous clients.
+
+tritonclient's gRPC client is synchronous, so the server (a ``grpc.aio`` server) gets its own
+event loop in a daemon thread; tests talk to it over localhost exactly as a remote client
+would. Used by the ``test_grpc_*``, TLS, shutdown and bad-input tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pruneserve.server.app import InferenceServer, create_server
+from pruneserve.server.config import ServeConfig
+
+T = TypeVar("T")
+
+
+def make_config(artifacts: list[Path], **overrides: Any) -> ServeConfig:
+    """A config serving ``artifacts`` on a free localhost port, one thread, metrics off."""
+    values: dict[str, Any] = {
+        "artifacts": [str(a) for a in artifacts],
+        "host": "127.0.0.1",
+        "grpc_port": 0,
+        "metrics_port": 0,
+        "threads": 1,
+        "workers": 1,
+        "max_queue_delay_ms": 2.0,
+        "grace_seconds": 5.0,
+    }
+    values.update(overrides)
+    return ServeConfig(**values)
+
+
+class ServerThread:
+    """A started server on its own event loop; ``url`` is ``127.0.0.1:<port>``."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="grpc-test-server", daemon=True)
+        self._thread.start()
+        self.server: InferenceServer
+        self.server, self.port = self.call(create_server(config))
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
+        """Run ``coro`` on the server's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Shut the server down gracefully and end its loop (idempotent)."""
+        if not self._thread.is_alive():
+            return
+        try:
+            self.call(self.server.stop(grace), timeout=grace + 30)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self.loop.close()
+
+
+@contextlib.contextmanager
+def serving(config: ServeConfig) -> Iterator[ServerThread]:
+    """Run a server for the duration of a ``with`` block."""
+    srv = ServerThread(config)
+    try:
+        yield srv
+    finally:
+        srv.stop()
