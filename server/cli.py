@@ -1,9 +1,189 @@
-"""Subcommands (being written)."""
+"""The server wing's subcommands: ``pruneserve serve`` and ``pruneserve infer``.
+
+``serve`` flags map one-to-one to :class:`~pruneserve.server.config.ServeConfig` fields
+(``--max-batch-size`` -> ``max_batch_size``). With ``--config serve.yaml`` the file gives the
+base values and flags given on the command line override them. Heavy imports (grpc,
+onnxruntime) happen only when a command runs, so ``pruneserve --help`` stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+#: Log format for the server: every line carries the request id of the RPC it belongs to.
+SERVE_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _int_csv(value: str) -> list[int]:
+    try:
+        return [int(v) for v in _csv(value)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a comma-separated list of integers") from None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add this module's subcommands."""
+    """Add ``serve`` and ``infer``."""
+    from pruneserve.server.config import ServeConfig
+
+    defaults = ServeConfig.__dataclass_fields__
+
+    def default(name: str) -> Any:
+        f = defaults[name]
+        return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+    serve = subparsers.add_parser(
+        "serve",
+        help="serve optimized artifacts over the KServe v2 / Triton gRPC protocol",
+        description=(
+            "Serve one or more artifacts written by `pruneserve optimize` over gRPC (KServe v2 / Triton "
+            "protocol, health checking, reflection) with dynamic batching and Prometheus metrics. SIGTERM "
+            "or SIGINT drains gracefully: health turns NOT_SERVING, new requests get UNAVAILABLE, accepted "
+            "ones finish within --grace-seconds."
+        ),
+        # SUPPRESS: only flags actually given override the --config file and the defaults.
+        argument_default=argparse.SUPPRESS,
+    )
+    serve.add_argument("artifacts", nargs="*", metavar="ARTIFACT_DIR", help="artifact directories to serve")
+    serve.add_argument("--config", dest="config_file", metavar="YAML", help="read ServeConfig fields from a YAML file")
+    serve.add_argument("--host", help=f"gRPC listen address (default {default('host')})")
+    serve.add_argument("--grpc-port", type=int, help=f"gRPC port, 0 = any free one (default {default('grpc_port')})")
+    serve.add_argument("--metrics-host", help=f"Prometheus listen address (default {default('metrics_host')})")
+    serve.add_argument("--metrics-port", type=int, help=f"Prometheus port, 0 = off (default {default('metrics_port')})")
+    serve.add_argument("--max-batch-size", type=int, help=f"most items per engine run (default {default('max_batch_size')})")
+    serve.add_argument(
+        "--max-queue-delay-ms", type=float, help=f"longest wait for batch-mates (default {default('max_queue_delay_ms')})"
+    )
+    serve.add_argument(
+        "--max-queue-size", type=int, help=f"most queued items per model before RESOURCE_EXHAUSTED (default {default('max_queue_size')})"
+    )
+    serve.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads per session (default: cores / workers)")
+    serve.add_argument("--workers", type=int, help=f"engine runs at the same time (default {default('workers')})")
+    serve.add_argument(
+        "--provider", "--providers", dest="providers", type=_csv, metavar="LIST",
+        help="execution providers in order of preference, e.g. tensorrt,cuda,cpu (default cpu)",
+    )  # fmt: skip
+    serve.add_argument("--engine", help=f"auto | onnxruntime | openvino (default {default('engine')})")
+    serve.add_argument("--max-sequence-length", type=int, help="longest accepted token sequence (default: the artifact's)")
+    serve.add_argument("--truncate", action="store_true", help="truncate over-long texts instead of refusing them")
+    serve.add_argument("--length-buckets", type=_int_csv, metavar="LIST", help="sequence-length bucket bounds, e.g. 32,128,512")
+    serve.add_argument("--max-message-bytes", type=int, help=f"largest gRPC message (default {default('max_message_bytes')})")
+    serve.add_argument("--grace-seconds", type=float, help=f"shutdown grace for accepted work (default {default('grace_seconds')})")
+    serve.add_argument("--tls-cert", help="PEM server certificate (enables TLS; needs --tls-key)")
+    serve.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    serve.add_argument("--tls-client-ca", help="PEM CA that client certificates must chain to (mutual TLS)")
+    serve.add_argument("--shadow-rate", type=float, help="fraction of requests also run on the unpruned reference model")
+    serve.set_defaults(func=run_serve)
+
+    infer = subparsers.add_parser(
+        "infer",
+        help="send texts to a running server and print the outputs as JSON",
+        description="Send one request with --text items to MODEL and print its outputs as JSON.",
+    )
+    infer.add_argument("--model", required=True, help="model name")
+    infer.add_argument("--model-version", default="", help="model version (default: the latest)")
+    infer.add_argument("--text", action="append", required=True, help="a text to send (repeat for a batch)")
+    infer.add_argument("--url", default="localhost:8001", help="server host:port (default localhost:8001)")
+    infer.add_argument("--output", action="append", default=[], help="output to return (repeatable; default all)")
+    infer.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds (default 30)")
+    infer.add_argument("--tls-ca", help="PEM CA that signed the server's certificate (enables TLS)")
+    infer.add_argument("--tls-cert", help="PEM client certificate, for mutual TLS")
+    infer.add_argument("--tls-key", help="PEM key of --tls-cert")
+    infer.set_defaults(func=run_infer)
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`ServeConfig` for ``serve``'s arguments: YAML file, then flags given."""
+    from pruneserve.server.config import ServeConfig
+
+    base: dict[str, Any] = {}
+    path = getattr(args, "config_file", None)
+    if path:
+        import yaml
+
+        ServeConfig.from_yaml(path)  # the file alone must be valid: its errors name the file
+        base = dict(yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {})
+    fields = {f.name for f in dataclasses.fields(ServeConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in fields}
+    if not overrides.get("artifacts"):
+        overrides.pop("artifacts", None)  # an empty positional list must not erase the file's
+    return ServeConfig.from_dict({**base, **overrides})
+
+
+def _install_request_id_logging() -> None:
+    from pruneserve.server.interceptors import RequestIdLogFilter
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RequestIdLogFilter())
+        handler.setFormatter(logging.Formatter(SERVE_LOG_FORMAT))
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """``pruneserve serve``: run until SIGTERM/SIGINT; 0 after a graceful shutdown."""
+    from pruneserve.server.app import serve
+    from pruneserve.server.errors import ServerError
+
+    _install_request_id_logging()
+    try:
+        config = config_from_args(args)
+    except ServerError as exc:
+        print(f"pruneserve serve: {exc}", file=sys.stderr)
+        return 2
+    if not config.artifacts:
+        print("pruneserve serve: give at least one ARTIFACT_DIR (or `artifacts:` in --config)", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(serve(config))
+    except ServerError as exc:
+        logger.error("cannot serve: %s", exc)
+        return 1
+
+
+def run_infer(args: argparse.Namespace) -> int:
+    """``pruneserve infer``: one request, outputs printed as JSON; 1 on an RPC error."""
+    import grpc
+
+    from pruneserve.server.client import InferenceClient
+
+    try:
+        with InferenceClient(args.url, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key) as client:
+            outputs = client.infer_text(
+                args.model, args.text, outputs=args.output, version=args.model_version, timeout=args.timeout
+            )
+    except grpc.RpcError as exc:
+        print(f"pruneserve infer: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        print(f"pruneserve infer: {exc}", file=sys.stderr)
+        return 2
+    payload = {
+        "model": args.model,
+        "outputs": {
+            name: [[_jsonable(v) for v in row] for row in value.reshape(value.shape[0], -1)]
+            for name, value in outputs.items()
+        },
+    }
+    json.dump(payload, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value.item() if hasattr(value, "item") else value
+
+
+__all__ = ["SERVE_LOG_FORMAT", "config_from_args", "register", "run_infer", "run_serve"]

@@ -132,8 +132,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if isinstance(exc, ServerError):
             code = _status_code(exc)
             extra["code"] = code.name
-            # Caller mistakes are routine: INFO, no traceback, never at WARNING volume.
-            level = logging.ERROR if code is grpc.StatusCode.INTERNAL else logging.INFO
+            # Caller mistakes are routine (the data plane logs and counts them): DEBUG, no traceback.
+            level = logging.ERROR if code is grpc.StatusCode.INTERNAL else logging.DEBUG
             logger.log(level, "%s %s -> %s: %s", method, rid, code.name, exc, extra=extra)
             await context.abort(code, str(exc))
         extra["code"] = "INTERNAL"

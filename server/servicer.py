@@ -33,6 +33,7 @@ from pruneserve.server._proto import grpc_service_pb2_grpc as pb_grpc
 from pruneserve.server._proto import model_config_pb2 as mc
 from pruneserve.server.errors import InvalidArgumentError, ServerError
 from pruneserve.server.interceptors import bind_request_id
+from pruneserve.server.metrics import UNKNOWN_MODEL
 from pruneserve.server.types import (
     DATATYPE_TO_NUMPY,
     InferInput,
@@ -438,7 +439,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelStreamInferResponse(error_message=text, infer_response=echo)
 
     async def _infer(self, message: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
-        request = decode_infer_request(message)
+        t0 = time.monotonic()
+        try:
+            request = decode_infer_request(message)
+        except ServerError as exc:
+            # The data plane never sees a request that cannot be decoded; count it here so
+            # pruneserve_requests_total still sees every refusal. Only served names become
+            # label values (and never the client's version string), so a client cannot grow
+            # the label set.
+            model = message.model_name if message.model_name in self._dataplane.model_names() else UNKNOWN_MODEL
+            self._dataplane.metrics.observe_request(model, "", exc.reason, time.monotonic() - t0)
+            raise
         response = await self._dataplane.infer(request, deadline)
         return encode_infer_response(response, raw=bool(message.raw_input_contents))
 
