@@ -164,6 +164,10 @@ class DynamicBatcher:
             except asyncio.CancelledError:
                 pass
             self._task = None
+        # Work still executing after the grace period is answered now; its engine run may
+        # finish in the background but nobody waits for it.
+        for task in list(self._inflight):
+            task.cancel()
         err = reason or UnavailableError("the server shut down before this request ran; retry")
         for q in self._queues:
             while q:

@@ -157,6 +157,14 @@ class DataPlane:
         """Artifacts refused at start."""
         return list(self.repository.failures)
 
+    def batcher(self, name: str, version: str = "") -> DynamicBatcher:
+        """The batcher of a loaded model version (for introspection and tests)."""
+        rt = self.repository.get(name, version)
+        try:
+            return self._batchers[(rt.name, rt.version)]
+        except KeyError:
+            raise UnavailableError(f"model {name!r} is not ready") from None
+
     # -- metadata --------------------------------------------------------------------------
     def server_metadata(self) -> dict[str, Any]:
         """Server name, version and supported protocol extensions."""

@@ -1,0 +1,299 @@
+"""Dynamic batching: batching across requests, length buckets, back-pressure, deadlines, isolation.
+
+Batching is made deterministic without timing: a :class:`GatedEngine` holds the single
+worker busy on a first request while the others queue, then the gate opens and the queued
+requests run together. Assertions are on what the engine computed, never on durations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tiny_artifacts import (
+    MAX_LEN,
+    VOCAB,
+    WORDS,
+    gate_model,
+    reference_forward,
+    text_request,
+    tokenize,
+    wait_for_pending,
+    wait_until_running,
+)
+
+from pruneserve.server.config import ServeConfig
+from pruneserve.server.dataplane import DataPlane
+from pruneserve.server.errors import (
+    DeadlineExceededError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    ServerError,
+    UnavailableError,
+)
+from pruneserve.server.metrics import Metrics
+
+
+def _config(*artifacts: Path, **kw: object) -> ServeConfig:
+    kw.setdefault("threads", 1)
+    kw.setdefault("workers", 1)
+    kw.setdefault("max_queue_delay_ms", 1.0)
+    return ServeConfig(artifacts=[str(a) for a in artifacts], **kw)  # type: ignore[arg-type]
+
+
+async def _hold_worker(dp: DataPlane, model: str = "tiny-embed"):
+    """Close the gate and start one request that occupies the only worker; returns (engine, task)."""
+    engine = gate_model(dp, model)
+    engine.gate.clear()
+    first = asyncio.ensure_future(dp.infer(text_request(model, ["hello"])))
+    await wait_until_running(engine)
+    return engine, first
+
+
+def test_concurrent_requests_share_one_execution(embedding_artifact: Path, run_dataplane) -> None:
+    texts = ["hello world", "cats and dogs", "the lazy dog", "red", "a very small model", "text", "blue green", "sad"]
+
+    async def scenario(dp: DataPlane):
+        engine, first = await _hold_worker(dp)
+        tasks = [asyncio.ensure_future(dp.infer(text_request("tiny-embed", [t], rid=f"r{i}"))) for i, t in enumerate(texts)]
+        await wait_for_pending(dp, "tiny-embed", len(texts))
+        engine.gate.set()
+        await first
+        responses = await asyncio.gather(*tasks)
+        return engine.batch_sizes, responses, dp.model_statistics("tiny-embed")[0]
+
+    sizes, responses, stats = run_dataplane(_config(embedding_artifact), scenario)
+    assert sizes == [1, len(texts)]
+    assert stats.execution_count == 2 and stats.inference_count == len(texts) + 1
+    assert stats.execution_count < stats.inference_count
+    # Each caller gets its own row, and the request id back.
+    for i, (t, r) in enumerate(zip(texts, responses)):
+        ids, mask, types = tokenize([t])
+        np.testing.assert_allclose(r.outputs[0].data, reference_forward(embedding_artifact / "model.onnx", ids, mask, types), atol=1e-5)
+        assert r.id == f"r{i}"
+
+
+def test_length_buckets_keep_short_texts_apart_from_long(embedding_artifact: Path, run_dataplane) -> None:
+    short = ["hello", "cats", "red dog"]
+    long = [" ".join(["the quick brown fox"] * 3 + [w]) for w in ("a", "an", "big")]
+
+    async def scenario(dp: DataPlane):
+        engine, first = await _hold_worker(dp)
+        tasks = [asyncio.ensure_future(dp.infer(text_request("tiny-embed", [t]))) for t in short + long]
+        await wait_for_pending(dp, "tiny-embed", len(tasks))
+        engine.gate.set()
+        await asyncio.gather(first, *tasks)
+        return engine.runs[1:]
+
+    runs = run_dataplane(_config(embedding_artifact, length_buckets=[8, MAX_LEN]), scenario)
+    assert sorted(r["input_ids"].shape[0] for r in runs) == [3, 3]
+    widths = sorted(r["input_ids"].shape[1] for r in runs)
+    assert widths[0] <= 8 < widths[1]  # the short texts were not padded to the long ones
+
+
+def test_full_queue_is_refused_at_once(embedding_artifact: Path, run_dataplane) -> None:
+    metrics = Metrics()
+
+    async def scenario(dp: DataPlane):
+        engine, first = await _hold_worker(dp)
+        queued = [asyncio.ensure_future(dp.infer(text_request("tiny-embed", [t]))) for t in ("cats", "dogs")]
+        await wait_for_pending(dp, "tiny-embed", 2)
+        with pytest.raises(ResourceExhaustedError, match=r"2 requests queued \(max_queue_size 2\)"):
+            await dp.infer(text_request("tiny-embed", ["one too many"]))
+        engine.gate.set()
+        await asyncio.gather(first, *queued)
+
+    run_dataplane(_config(embedding_artifact, max_queue_size=2), scenario, metrics)
+    get = metrics.registry.get_sample_value
+    assert get("pruneserve_requests_total", {"model": "tiny-embed", "version": "1", "outcome": "resource_exhausted"}) == 1
+    assert get("pruneserve_requests_total", {"model": "tiny-embed", "version": "1", "outcome": "success"}) == 3
+
+
+def test_expired_queued_work_is_dropped_not_computed(embedding_artifact: Path, run_dataplane) -> None:
+    green = VOCAB["green"]
+
+    async def scenario(dp: DataPlane):
+        engine, first = await _hold_worker(dp)
+        later = asyncio.ensure_future(dp.infer(text_request("tiny-embed", ["cats"])))
+        with pytest.raises(DeadlineExceededError, match="deadline passed"):
+            await dp.infer(text_request("tiny-embed", ["green green green"]), deadline=time.monotonic() + 0.05)
+        # A deadline that has already passed is refused on arrival.
+        with pytest.raises(DeadlineExceededError, match="had passed when it arrived"):
+            await dp.infer(text_request("tiny-embed", ["green"]), deadline=time.monotonic() - 1)
+        engine.gate.set()
+        await asyncio.gather(first, later)
+        return engine.runs, dp.model_statistics("tiny-embed")[0]
+
+    runs, stats = run_dataplane(_config(embedding_artifact), scenario)
+    assert not any((r["input_ids"] == green).any() for r in runs)
+    assert [r["input_ids"].shape[0] for r in runs] == [1, 1]
+    assert stats.fail.count == 2 and stats.success.count == 2
+
+
+def test_cancelled_caller_is_dropped_not_computed(embedding_artifact: Path, run_dataplane) -> None:
+    green = VOCAB["green"]
+
+    async def scenario(dp: DataPlane):
+        engine, first = await _hold_worker(dp)
+        gone = asyncio.ensure_future(dp.infer(text_request("tiny-embed", ["green"])))
+        await wait_for_pending(dp, "tiny-embed", 1)
+        gone.cancel()
+        stay = asyncio.ensure_future(dp.infer(text_request("tiny-embed", ["cats"])))
+        await wait_for_pending(dp, "tiny-embed", 2)
+        engine.gate.set()
+        await asyncio.gather(first, stay)
+        return engine.runs
+
+    runs = run_dataplane(_config(embedding_artifact), scenario)
+    assert not any((r["input_ids"] == green).any() for r in runs)
+
+
+def test_invalid_request_does_not_fail_batch_mates(embedding_artifact: Path, run_dataplane) -> None:
+    good = ["hello world", "cats", "the lazy dog"]
+
+    async def scenario(dp: DataPlane):
+        engine, first = await _hold_worker(dp)
+        bad_utf8 = text_request("tiny-embed", ["x"])
+        bad_utf8.inputs[0].data = np.array([[b"\xc3\x28"]], dtype=object)
+        too_long = text_request("tiny-embed", [" ".join(["word"] * (MAX_LEN + 1))])
+        tasks = [asyncio.ensure_future(dp.infer(text_request("tiny-embed", [t]))) for t in good]
+        bad = [asyncio.ensure_future(dp.infer(r)) for r in (bad_utf8, too_long)]
+        await wait_for_pending(dp, "tiny-embed", len(good))
+        engine.gate.set()
+        results = await asyncio.gather(first, *tasks, *bad, return_exceptions=True)
+        return engine.batch_sizes, results
+
+    sizes, results = run_dataplane(_config(embedding_artifact), scenario)
+    assert sizes == [1, 3]
+    assert all(r.outputs[0].data.shape == (1, 8) for r in results[:4])
+    assert all(isinstance(r, InvalidArgumentError) for r in results[4:])
+
+
+def test_failed_batch_is_retried_per_request(embedding_artifact: Path, run_dataplane) -> None:
+    poison = VOCAB["red"]
+
+    async def scenario(dp: DataPlane):
+        rt = dp.repository.get("tiny-embed")
+        engine, first = await _hold_worker(dp)
+        engine.poison_id = poison
+        texts = ["hello world", "red red", "cats", "dogs"]
+        tasks = [asyncio.ensure_future(dp.infer(text_request("tiny-embed", [t]))) for t in texts]
+        await wait_for_pending(dp, "tiny-embed", len(texts))
+        engine.gate.set()
+        results = await asyncio.gather(first, *tasks, return_exceptions=True)
+        assert rt.engine is engine
+        return engine.batch_sizes, results
+
+    sizes, results = run_dataplane(_config(embedding_artifact), scenario)
+    assert sizes == [1, 4, 1, 1, 1, 1]  # the batch failed, then each request ran alone
+    ok = [r for i, r in enumerate(results) if i != 2]
+    assert all(r.outputs[0].data.shape == (1, 8) for r in ok)
+    err = results[2]
+    assert isinstance(err, ServerError) and err.code == "INTERNAL"
+    assert "Traceback" not in str(err) and "poisoned" not in str(err)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batch_invariance_fp32(embedding_artifact: Path, run_dataplane, seed: int) -> None:
+    rng = random.Random(seed)
+    target = "the quick brown fox jumps over the lazy dog"
+    others = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, MAX_LEN - 2))) for _ in range(7)]
+
+    async def scenario(dp: DataPlane):
+        alone = await dp.infer(text_request("tiny-embed", [target]))
+        engine, first = await _hold_worker(dp)
+        tasks = [asyncio.ensure_future(dp.infer(text_request("tiny-embed", [t]))) for t in [*others[:3], target, *others[3:]]]
+        await wait_for_pending(dp, "tiny-embed", len(tasks))
+        engine.gate.set()
+        await first
+        batched = await asyncio.gather(*tasks)
+        return alone, batched[3], engine.batch_sizes
+
+    # One bucket wide enough for everything: padding differs from the lone run.
+    alone, batched, sizes = run_dataplane(_config(embedding_artifact, length_buckets=[MAX_LEN]), scenario)
+    assert sizes[-1] == 8
+    assert np.abs(alone.outputs[0].data - batched.outputs[0].data).max() <= 1e-5
+
+
+def test_batch_variant_artifact_can_be_isolated(artifact_factory, run_dataplane) -> None:
+    path = artifact_factory(name="tiny-embed", batch_invariant=False)
+
+    def sizes_for(isolate: bool) -> list[int]:
+        async def scenario(dp: DataPlane):
+            engine, first = await _hold_worker(dp)
+            tasks = [asyncio.ensure_future(dp.infer(text_request("tiny-embed", [t]))) for t in ("a", "cats", "dogs")]
+            await wait_for_pending(dp, "tiny-embed", 3)
+            engine.gate.set()
+            await asyncio.gather(first, *tasks)
+            assert dp.model_config("tiny-embed").parameters["isolate_batch_variant"] == str(isolate).lower()
+            return engine.batch_sizes
+
+        return run_dataplane(_config(path, isolate_batch_variant=isolate), scenario)
+
+    assert sizes_for(isolate=True) == [1, 1, 1, 1]
+    assert sizes_for(isolate=False) == [1, 3]
+
+
+def test_request_larger_than_max_batch_is_refused(embedding_artifact: Path, run_dataplane) -> None:
+    async def scenario(dp: DataPlane):
+        with pytest.raises(InvalidArgumentError, match="max_batch_size is 2"):
+            await dp.infer(text_request("tiny-embed", ["a", "b", "c"]))
+        r = await dp.infer(text_request("tiny-embed", ["a", "b"]))
+        assert r.outputs[0].data.shape == (2, 8)
+
+    run_dataplane(_config(embedding_artifact, max_batch_size=2), scenario)
+
+
+def test_batches_never_exceed_max_batch_size(embedding_artifact: Path, run_dataplane) -> None:
+    async def scenario(dp: DataPlane):
+        engine, first = await _hold_worker(dp)
+        tasks = [asyncio.ensure_future(dp.infer(text_request("tiny-embed", ["cats", "dogs"]))) for _ in range(5)]
+        await wait_for_pending(dp, "tiny-embed", 5)
+        engine.gate.set()
+        await asyncio.gather(first, *tasks)
+        return engine.batch_sizes
+
+    sizes = run_dataplane(_config(embedding_artifact, max_batch_size=4), scenario)
+    assert sizes == [1, 4, 4, 2]  # requests stay whole: 2+2, 2+2, 2
+
+
+def test_stop_finishes_accepted_work_and_refuses_new(embedding_artifact: Path) -> None:
+    async def main():
+        dp = DataPlane(_config(embedding_artifact))
+        await dp.start()
+        engine, first = await _hold_worker(dp)
+        queued = asyncio.ensure_future(dp.infer(text_request("tiny-embed", ["cats"])))
+        await wait_for_pending(dp, "tiny-embed", 1)
+        stopping = asyncio.ensure_future(dp.stop(grace=30))
+        await asyncio.sleep(0)
+        assert not dp.ready() and dp.live()
+        with pytest.raises(UnavailableError, match="not accepting requests"):
+            await dp.infer(text_request("tiny-embed", ["late"]))
+        engine.gate.set()
+        done = await asyncio.gather(first, queued)
+        await stopping
+        return done, dp.live()
+
+    done, live = asyncio.run(main())
+    assert [r.outputs[0].data.shape for r in done] == [(1, 8), (1, 8)]
+    assert not live
+
+
+def test_stop_after_grace_answers_leftovers_unavailable(embedding_artifact: Path) -> None:
+    async def main():
+        dp = DataPlane(_config(embedding_artifact))
+        await dp.start()
+        engine, first = await _hold_worker(dp)
+        queued = asyncio.ensure_future(dp.infer(text_request("tiny-embed", ["cats"])))
+        await wait_for_pending(dp, "tiny-embed", 1)
+        await dp.stop(grace=0.01)
+        results = await asyncio.gather(first, queued, return_exceptions=True)
+        engine.gate.set()  # let the abandoned engine thread end
+        return results
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, UnavailableError) for r in results)
