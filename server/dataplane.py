@@ -15,7 +15,6 @@ import asyncio
 import logging
 import random
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -234,12 +233,17 @@ class DataPlane:
         unexpected is logged with the request id and reported as a bare INTERNAL error.
         """
         t0 = time.monotonic()
-        rid = request.id or uuid.uuid4().hex[:16]
+        # Without a client id, leave the log field to the transport's request-id context.
+        rid = request.id
+        extra = {"request_id": rid} if rid else {}
         model, version = UNKNOWN_MODEL, ""
         outcome = "internal"
         stats: StatsRecorder | None = None
         try:
             if not self._started or self._stopping:
+                if self.repository.has(request.model, request.version):  # label it as the model it was for
+                    rt = self.repository.get(request.model, request.version)
+                    model, version = rt.name, rt.version
                 raise UnavailableError("the server is not accepting requests (starting or shutting down); retry")
             rt = self.repository.get(request.model, request.version)
             model, version = rt.name, rt.version
@@ -259,24 +263,27 @@ class DataPlane:
         except ServerError as exc:
             outcome = exc.reason
             log = logger.warning if exc.reason == "internal" else logger.info
-            log("request %s model=%s version=%s failed: %s %s", rid, request.model, request.version or "latest", exc.code, exc)
+            log(
+                "infer model=%s version=%s failed: %s %s", request.model, request.version or "latest", exc.code, exc,
+                extra={**extra, "model": request.model, "outcome": outcome},
+            )
             raise
         except asyncio.CancelledError:
             outcome = "cancelled"
-            logger.info("request %s model=%s cancelled by the caller", rid, request.model)
+            logger.info("infer model=%s cancelled by the caller", request.model, extra={**extra, "outcome": outcome})
             raise
         except Exception:
-            logger.exception("request %s model=%s: unexpected error", rid, request.model)
-            raise ServerError(f"internal error while serving request {rid}; the server log has details") from None
+            logger.exception("infer model=%s: unexpected error", request.model, extra={**extra, "outcome": outcome})
+            raise ServerError("internal error; the server log has the details") from None
         finally:
             elapsed = time.monotonic() - t0
             self.metrics.observe_request(model, version, outcome, elapsed)
-            if stats is not None and outcome != "not_found":
+            if stats is not None:
                 stats.request_done(outcome == "success", int(elapsed * 1e9))
             logger.debug(
-                "request %s model=%s version=%s outcome=%s duration_ms=%.3f",
-                rid, model, version, outcome, elapsed * 1000,
-                extra={"request_id": rid, "model": model, "version": version, "outcome": outcome},
+                "infer model=%s version=%s outcome=%s duration_ms=%.3f",
+                model, version, outcome, elapsed * 1000,
+                extra={**extra, "model": model, "version": version, "outcome": outcome},
             )
 
     async def _prepare(self, rt: ModelRuntime, request: InferRequest) -> Prepared:

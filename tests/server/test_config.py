@@ -1,0 +1,76 @@
+"""ServeConfig validates every field on construction and names the value and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pruneserve.server.config import DEFAULT_LENGTH_BUCKETS, ServeConfig
+from pruneserve.server.errors import ConfigError
+
+
+def test_defaults() -> None:
+    c = ServeConfig(artifacts=["a"])
+    assert (c.grpc_port, c.metrics_port, c.max_batch_size, c.max_queue_size) == (8001, 8002, 32, 1024)
+    assert c.providers == ["cpu"] and c.engine == "auto" and not c.truncate
+    assert c.threads is not None and c.threads >= 1
+    assert c.length_buckets == list(DEFAULT_LENGTH_BUCKETS)
+    assert c.max_queue_delay_s == pytest.approx(0.002)
+
+
+def test_provider_names_are_normalised() -> None:
+    c = ServeConfig(providers="TensorrtExecutionProvider, cuda,CPU")  # type: ignore[arg-type]
+    assert c.providers == ["tensorrt", "cuda", "cpu"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("grpc_port", 70000, r"grpc_port=70000 is invalid: expected an integer in \[0, 65535\]"),
+        ("max_batch_size", 0, r"max_batch_size=0 is invalid"),
+        ("max_queue_size", -1, r"max_queue_size=-1"),
+        ("workers", 0, r"workers=0"),
+        ("max_queue_delay_ms", -1.0, r"max_queue_delay_ms=-1.0 is invalid: expected a number"),
+        ("shadow_rate", 1.5, r"shadow_rate=1.5"),
+        ("providers", ["vulkan"], r"provider 'vulkan' is unknown; use names from \('tensorrt', 'cuda', 'cpu'\)"),
+        ("providers", ["cpu", "cpu"], r"names a provider twice"),
+        ("providers", [], r"providers is empty"),
+        ("engine", "tvm", r"engine 'tvm' is not one of"),
+        ("max_sequence_length", 1, r"max_sequence_length=1"),
+        ("length_buckets", [0, 16], r"length_buckets \[0, 16\] must be a non-empty list of positive integers"),
+        ("truncate", "yes", r"truncate must be true or false"),
+        ("tls_cert", "/nonexistent/cert.pem", r"tls_cert and tls_key must be given together"),
+    ],
+)
+def test_invalid_values_are_named(field: str, value: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ServeConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_tls_files_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="tls_cert '.*' is not a readable file"):
+        ServeConfig(tls_cert=str(tmp_path / "c.pem"), tls_key=str(tmp_path / "k.pem"))
+    with pytest.raises(ConfigError, match="needs tls_cert"):
+        ServeConfig(tls_client_ca=str(tmp_path / "ca.pem"))
+
+
+def test_yaml_round_trip(tmp_path: Path) -> None:
+    p = tmp_path / "serve.yaml"
+    p.write_text("artifacts: [a, b]\nmax-batch-size: 8\nproviders: [cuda, cpu]\nlength_buckets: [64, 16]\n")
+    c = ServeConfig.from_yaml(p)
+    assert c.artifacts == ["a", "b"] and c.max_batch_size == 8 and c.providers == ["cuda", "cpu"]
+    assert c.length_buckets == [16, 64]
+    assert ServeConfig.from_dict(c.to_dict()) == c
+
+
+def test_yaml_errors(tmp_path: Path) -> None:
+    p = tmp_path / "serve.yaml"
+    p.write_text("max_batch: 8\n")
+    with pytest.raises(ConfigError, match=r"unknown configuration keys \['max_batch'\]"):
+        ServeConfig.from_yaml(p)
+    p.write_text("artifacts: [unclosed\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        ServeConfig.from_yaml(p)
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        ServeConfig.from_yaml(tmp_path / "missing.yaml")
