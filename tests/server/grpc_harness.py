@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from pruneserve.server.app import InferenceServer, create_server
 from pruneserve.server.config import ServeConfig
+from pruneserve.server.dataplane import DataPlane
 
 T = TypeVar("T")
 
@@ -39,13 +40,13 @@ def make_config(artifacts: list[Path], **overrides: Any) -> ServeConfig:
 class ServerThread:
     """A started server on its own event loop; ``url`` is ``127.0.0.1:<port>``."""
 
-    def __init__(self, config: ServeConfig) -> None:
+    def __init__(self, config: ServeConfig, dataplane: DataPlane | None = None) -> None:
         self.config = config
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="grpc-test-server", daemon=True)
         self._thread.start()
         self.server: InferenceServer
-        self.server, self.port = self.call(create_server(config))
+        self.server, self.port = self.call(create_server(config, dataplane))
 
     @property
     def url(self) -> str:
@@ -68,9 +69,9 @@ class ServerThread:
 
 
 @contextlib.contextmanager
-def serving(config: ServeConfig) -> Iterator[ServerThread]:
-    """Run a server for the duration of a ``with`` block."""
-    srv = ServerThread(config)
+def serving(config: ServeConfig, dataplane: DataPlane | None = None) -> Iterator[ServerThread]:
+    """Run a server (over ``dataplane`` if given) for the duration of a ``with`` block."""
+    srv = ServerThread(config, dataplane)
     try:
         yield srv
     finally:
