@@ -15,10 +15,13 @@ fail with UNAVAILABLE while the RPCs already running are counted until they fini
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
+import inspect
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import grpc
@@ -74,17 +77,41 @@ def _request_id(request: Any, context: grpc.aio.ServicerContext) -> str:
     return bind_request_id(rid if isinstance(rid, str) else "")
 
 
-def _rewrap(handler: grpc.RpcMethodHandler, wrap_unary: Callable[[_Behavior], _Behavior],
-            wrap_stream: Callable[[_Behavior], _Behavior]) -> grpc.RpcMethodHandler:
-    """A handler of the same kind whose behaviour is wrapped (unary or streaming response)."""
+_Guard = Callable[[Any, grpc.aio.ServicerContext], AbstractAsyncContextManager[None]]
+
+
+def _guarded(handler: grpc.RpcMethodHandler, guard: _Guard) -> grpc.RpcMethodHandler:
+    """A handler of the same kind whose behaviour runs inside ``guard(request, context)``.
+
+    Streaming-response behaviours come in two shapes: async generators (yielding messages)
+    and coroutines that call ``context.write`` (e.g. the health service's Watch); each is
+    wrapped in its own shape, since grpc.aio drives the two differently.
+    """
+
+    def wrap(behavior: _Behavior) -> _Behavior:
+        if inspect.isasyncgenfunction(behavior):
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                async with guard(request, context):
+                    async for response in behavior(request, context):
+                        yield response
+
+            return stream
+
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with guard(request, context):
+                return await behavior(request, context)
+
+        return call
+
     kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
     if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(wrap_unary(handler.unary_unary), **kw)
+        return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary), **kw)
     if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(wrap_unary(handler.stream_unary), **kw)
+        return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary), **kw)
     if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(wrap_stream(handler.unary_stream), **kw)
-    return grpc.stream_stream_rpc_method_handler(wrap_stream(handler.stream_stream), **kw)
+        return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream), **kw)
+    return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream), **kw)
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -100,28 +127,16 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return None
         method = handler_call_details.method
 
-        def wrap_unary(behavior: _Behavior) -> _Behavior:
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                rid = _request_id(request if not _is_iterator(request) else None, context)
-                try:
-                    return await behavior(request, context)
-                except Exception as exc:  # noqa: BLE001 - this is the one place that maps them all
-                    await self._abort(context, exc, method, rid, request)
+        @contextlib.asynccontextmanager
+        async def guard(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+            message = None if _is_iterator(request) else request
+            rid = _request_id(message, context)
+            try:
+                yield
+            except Exception as exc:  # noqa: BLE001 - this is the one place that maps them all
+                await self._abort(context, exc, method, rid, message)
 
-            return unary
-
-        def wrap_stream(behavior: _Behavior) -> _Behavior:
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                rid = _request_id(request if not _is_iterator(request) else None, context)
-                try:
-                    async for response in behavior(request, context):
-                        yield response
-                except Exception as exc:  # noqa: BLE001
-                    await self._abort(context, exc, method, rid, request)
-
-            return stream
-
-        return _rewrap(handler, wrap_unary, wrap_stream)
+        return _guarded(handler, guard)
 
     @staticmethod
     async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str, rid: str, request: Any) -> None:
@@ -186,40 +201,20 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(_ALWAYS_ALLOWED_PREFIXES):
             return handler
+        return _guarded(handler, self._admit)
 
-        def wrap_unary(behavior: _Behavior) -> _Behavior:
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                self._enter()
-                try:
-                    return await behavior(request, context)
-                finally:
-                    self._leave()
-
-            return unary
-
-        def wrap_stream(behavior: _Behavior) -> _Behavior:
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                self._enter()
-                try:
-                    async for response in behavior(request, context):
-                        yield response
-                finally:
-                    self._leave()
-
-            return stream
-
-        return _rewrap(handler, wrap_unary, wrap_stream)
-
-    def _enter(self) -> None:
+    @contextlib.asynccontextmanager
+    async def _admit(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         if self._draining:
             raise UnavailableError("the server is shutting down; retry on another replica")
         self._in_flight += 1
         self._idle.clear()
-
-    def _leave(self) -> None:
-        self._in_flight -= 1
-        if self._in_flight == 0:
-            self._idle.set()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
 
 
 __all__ = [

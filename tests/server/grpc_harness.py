@@ -14,9 +14,13 @@ from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
+
+from pruneserve.server._proto import grpc_service_pb2 as pb
 from pruneserve.server.app import InferenceServer, create_server
 from pruneserve.server.config import ServeConfig
 from pruneserve.server.dataplane import DataPlane
+from pruneserve.server.servicer import serialize_bytes_tensor
 
 T = TypeVar("T")
 
@@ -76,3 +80,19 @@ def serving(config: ServeConfig, dataplane: DataPlane | None = None) -> Iterator
         yield srv
     finally:
         srv.stop()
+
+
+def texts_request(texts: list[bytes], *, model: str = "tiny-embed", shape: list[int] | None = None) -> pb.ModelInferRequest:
+    """A ``text`` request in raw contents (``shape`` defaults to ``[len(texts), 1]``)."""
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name="text", datatype="BYTES", shape=shape if shape is not None else [len(texts), 1])
+    request.raw_input_contents.append(serialize_bytes_tensor(texts))
+    return request
+
+
+def ids_request(ids: np.ndarray, *, raw: bytes | None = None) -> pb.ModelInferRequest:
+    """An ``input_ids`` request in raw contents (``raw`` replaces the encoded buffer)."""
+    request = pb.ModelInferRequest(model_name="tiny-embed")
+    request.inputs.add(name="input_ids", datatype="INT64", shape=list(ids.shape))
+    request.raw_input_contents.append(ids.astype("<i8").tobytes() if raw is None else raw)
+    return request

@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
-from grpc_harness import ServerThread, make_config, serving
+from grpc_harness import ServerThread, ids_request, make_config, serving, texts_request
 from tiny_artifacts import MAX_LEN, VOCAB, gate_model, tokenize
 from tritonclient.utils import InferenceServerException
 
@@ -39,20 +39,6 @@ def server(embedding_artifact: Path, classifier_artifact: Path) -> Iterator[Serv
 def stub(server: ServerThread) -> Iterator[pb_grpc.GRPCInferenceServiceStub]:
     with grpc.insecure_channel(server.url) as channel:
         yield pb_grpc.GRPCInferenceServiceStub(channel)
-
-
-def texts_request(texts: list[bytes], *, model: str = "tiny-embed", shape: list[int] | None = None) -> pb.ModelInferRequest:
-    request = pb.ModelInferRequest(model_name=model)
-    request.inputs.add(name="text", datatype="BYTES", shape=shape if shape is not None else [len(texts), 1])
-    request.raw_input_contents.append(serialize_bytes_tensor(texts))
-    return request
-
-
-def ids_request(ids: np.ndarray, *, raw: bytes | None = None) -> pb.ModelInferRequest:
-    request = pb.ModelInferRequest(model_name="tiny-embed")
-    request.inputs.add(name="input_ids", datatype="INT64", shape=list(ids.shape))
-    request.raw_input_contents.append(ids.astype("<i8").tobytes() if raw is None else raw)
-    return request
 
 
 def _typed(name: str, datatype: str, shape: list[int], field: str, values: list) -> pb.ModelInferRequest:  # type: ignore[type-arg]
