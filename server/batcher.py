@@ -100,6 +100,7 @@ class DynamicBatcher:
         self.stats = stats if stats is not None else StatsRecorder(runtime.name, runtime.version)
         # One queue per bucket, plus one for sequences longer than the largest bound.
         self._queues: list[deque[Work]] = [deque() for _ in range(len(self.bounds) + 1)]
+        self._items = [0] * len(self._queues)  # queued items per bucket, kept in step with _queues
         self._pending = 0
         self._inflight: set[asyncio.Task[None]] = set()
         self._arrival = asyncio.Event()
@@ -140,7 +141,9 @@ class DynamicBatcher:
                 f"{self.max_queue_size}); retry with backoff or add replicas"
             )
         fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._queues[self.bucket_of(prepared.length)].append(Work(prepared, fut, deadline, request_id))
+        bucket = self.bucket_of(prepared.length)
+        self._queues[bucket].append(Work(prepared, fut, deadline, request_id))
+        self._items[bucket] += prepared.size
         self._pending += 1
         self._idle.clear()
         self._publish_pending()
@@ -174,6 +177,7 @@ class DynamicBatcher:
                 w = q.popleft()
                 if not w.future.done():
                     w.future.set_exception(err)
+        self._items = [0] * len(self._queues)
         self._pending = 0
         self._publish_pending()
         self._check_idle()
@@ -210,7 +214,7 @@ class DynamicBatcher:
             ready = [
                 (t, i) for t, i in heads
                 if self._flush or self.isolate or now - t >= self.max_queue_delay_s
-                or sum(w.prepared.size for w in self._queues[i]) >= self.max_batch_size
+                or self._items[i] >= self.max_batch_size
             ]  # fmt: skip
             if ready:
                 return min(ready)[1]
@@ -222,12 +226,13 @@ class DynamicBatcher:
 
     def _drop_dead_heads(self, now: float) -> None:
         # Only heads matter for readiness; deeper dead work is dropped in _take.
-        for q in self._queues:
+        for i, q in enumerate(self._queues):
             while q and (q[0].future.done() or q[0].expired(now)):
-                self._drop(q.popleft(), now)
+                self._drop(i, q.popleft(), now)
 
-    def _drop(self, w: Work, now: float) -> None:
+    def _drop(self, bucket: int, w: Work, now: float) -> None:
         self._pending -= 1
+        self._items[bucket] -= w.prepared.size
         self._publish_pending()
         if not w.future.done():
             w.future.set_exception(
@@ -247,12 +252,13 @@ class DynamicBatcher:
         while q:
             w = q[0]
             if w.future.done() or w.expired(now):
-                self._drop(q.popleft(), now)
+                self._drop(bucket, q.popleft(), now)
                 continue
             if batch and (self.isolate or items + w.prepared.size > self.max_batch_size):
                 break
             batch.append(q.popleft())
             self._pending -= 1
+            self._items[bucket] -= w.prepared.size
             items += w.prepared.size
         self._publish_pending()
         return batch

@@ -139,11 +139,13 @@ def test_cancelled_caller_is_dropped_not_computed(embedding_artifact: Path, run_
 
     async def scenario(dp: DataPlane):
         engine, first = await _hold_worker(dp)
-        gone = asyncio.ensure_future(dp.infer(text_request("tiny-embed", ["green"])))
-        await wait_for_pending(dp, "tiny-embed", 1)
-        gone.cancel()
         stay = asyncio.ensure_future(dp.infer(text_request("tiny-embed", ["cats"])))
+        await wait_for_pending(dp, "tiny-embed", 1)
+        gone = asyncio.ensure_future(dp.infer(text_request("tiny-embed", ["green"])))
         await wait_for_pending(dp, "tiny-embed", 2)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
         engine.gate.set()
         await asyncio.gather(first, stay)
         return engine.runs
