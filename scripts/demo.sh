@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# `make demo`: optimize the embedded default model (all-MiniLM-L6-v2), serve it on
+# 127.0.0.1 and query it with a real gRPC client; the server is stopped on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${VENV:-.venv}/bin
+ART=${DEMO_MODEL:-artifacts/minilm}
+GRPC_PORT=${GRPC_PORT:-8001}
+METRICS_PORT=${METRICS_PORT:-8002}
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+if [[ -f "$ART/manifest.json" ]]; then
+  echo "== reusing $ART (delete it to optimize again)"
+else
+  echo "== optimizing the default model into $ART"
+  "$BIN/pruneserve" optimize --out "$ART"
+fi
+echo "== report: $ART/report.md"
+
+echo "== serving $ART on 127.0.0.1:$GRPC_PORT (metrics on :$METRICS_PORT)"
+"$BIN/pruneserve" serve "$ART" --host 127.0.0.1 --grpc-port "$GRPC_PORT" \
+  --metrics-host 127.0.0.1 --metrics-port "$METRICS_PORT" &
+SERVER=$!
+trap 'kill -TERM $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
+
+MODEL=$("$BIN/python" -c "import json,sys; print(json.load(open(sys.argv[1]))['name'])" "$ART/manifest.json")
+for _ in $(seq 1 120); do
+  if "$BIN/pruneserve" infer --url "127.0.0.1:$GRPC_PORT" --model "$MODEL" --ready >/dev/null 2>&1; then break; fi
+  kill -0 $SERVER 2>/dev/null || { echo "server exited"; exit 1; }
+  sleep 0.5
+done
+
+echo "== querying $MODEL over gRPC"
+"$BIN/pruneserve" infer --url "127.0.0.1:$GRPC_PORT" --model "$MODEL" \
+  --text "A cheap encoder still understands sentences." \
+  --text "Pruned transformers serve faster."
+echo "== metrics (excerpt)"
+"$BIN/python" - "$METRICS_PORT" <<'PY'
+import sys, urllib.request
+text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=5).read().decode()
+for line in text.splitlines():
+    if line.startswith(("pruneserve_requests_total", "pruneserve_inferences_total", "pruneserve_model_info")):
+        print(line)
+PY
