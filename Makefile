@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # torch first and pinned: 2.13.0 is a CPU wheel on local disk; any other spec pulls a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= cpu,optimizer,default-model,dev
+EXTRAS ?= cpu,optimizer,default-model,openvino,dev
 ARTIFACTS ?= artifacts
 DEMO_MODEL ?= $(ARTIFACTS)/minilm
 GRPC_PORT ?= 8001
