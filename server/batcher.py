@@ -133,7 +133,7 @@ class DynamicBatcher:
         Raises :class:`ResourceExhaustedError` when the queue is full and
         :class:`UnavailableError` once the batcher is closing.
         """
-        if self._closed or self._flush:
+        if self._closed:
             raise UnavailableError("the server is shutting down and accepts no new requests; retry on another replica")
         if self._pending >= self.max_queue_size:
             raise ResourceExhaustedError(
@@ -150,10 +150,14 @@ class DynamicBatcher:
         self._arrival.set()
         return fut
 
-    async def drain(self) -> None:
-        """Run everything queued without waiting for batch-mates, and wait until all of it finished."""
+    def flush(self) -> None:
+        """From now on run queued work at once, without waiting ``max_queue_delay`` for batch-mates."""
         self._flush = True
         self._arrival.set()
+
+    async def drain(self) -> None:
+        """Flush, and wait until everything queued or executing has finished."""
+        self.flush()
         await self._idle.wait()
 
     async def close(self, reason: ServerError | None = None) -> None:

@@ -69,6 +69,11 @@ class DataPlane:
         self._stopping = False
         self._stopped = False
         self._shadow_tasks: set[asyncio.Future[Any]] = set()
+        # infer() calls past the admission check; stop() waits for them, wherever they are
+        # (tokenizing, queued or executing), so no accepted request is dropped.
+        self._active = 0
+        self._no_active = asyncio.Event()
+        self._no_active.set()
         self._shadow_pool: ThreadPoolExecutor | None = None
         self._rng = random.Random()
 
@@ -120,11 +125,12 @@ class DataPlane:
         for name, version in self._batchers:
             self.metrics.set_model_ready(name, version, False)
         batchers = list(self._batchers.values())
-        if batchers:
-            try:
-                await asyncio.wait_for(asyncio.gather(*(b.drain() for b in batchers)), timeout=max(grace, 0.0))
-            except asyncio.TimeoutError:
-                logger.warning("shutdown grace of %.1f s ran out; failing requests still queued", grace)
+        for b in batchers:
+            b.flush()
+        try:
+            await asyncio.wait_for(self._no_active.wait(), timeout=max(grace, 0.0))
+        except asyncio.TimeoutError:
+            logger.warning("shutdown grace of %.1f s ran out with %d requests unfinished; failing them", grace, self._active)
         for b in batchers:
             await b.close(UnavailableError("the server shut down before this request ran; retry"))
         for t in list(self._shadow_tasks):
@@ -239,12 +245,16 @@ class DataPlane:
         model, version = UNKNOWN_MODEL, ""
         outcome = "internal"
         stats: StatsRecorder | None = None
+        admitted = False
         try:
             if not self._started or self._stopping:
                 if self.repository.has(request.model, request.version):  # label it as the model it was for
                     rt = self.repository.get(request.model, request.version)
                     model, version = rt.name, rt.version
                 raise UnavailableError("the server is not accepting requests (starting or shutting down); retry")
+            admitted = True
+            self._active += 1
+            self._no_active.clear()
             rt = self.repository.get(request.model, request.version)
             model, version = rt.name, rt.version
             stats = self._stats.get((model, version))
@@ -276,6 +286,10 @@ class DataPlane:
             logger.exception("infer model=%s: unexpected error", request.model, extra={**extra, "outcome": outcome})
             raise ServerError("internal error; the server log has the details") from None
         finally:
+            if admitted:
+                self._active -= 1
+                if self._active == 0:
+                    self._no_active.set()
             elapsed = time.monotonic() - t0
             self.metrics.observe_request(model, version, outcome, elapsed)
             if stats is not None:

@@ -35,7 +35,7 @@ class LoadFailure:
     """An artifact the repository refused, and why."""
 
     path: str
-    reason: str  # integrity | schema | manifest | not_found | engine
+    reason: str  # integrity | schema | manifest | not_found | artifact | io | engine
     message: str
 
 
@@ -50,6 +50,8 @@ def _failure_reason(exc: BaseException) -> str:
         return "not_found"
     if isinstance(exc, ArtifactError):
         return "artifact"
+    if isinstance(exc, OSError):
+        return "io"
     return "engine"
 
 
@@ -73,6 +75,8 @@ class ModelRepository:
             artifact = load_artifact(path, verify=True)
         except ArtifactError as exc:
             raise ModelLoadError(f"artifact {os.fspath(path)} refused: {exc}") from exc
+        except OSError as exc:  # unreadable file or folder (permissions, I/O error)
+            raise ModelLoadError(f"artifact {os.fspath(path)} cannot be read: {exc}") from exc
         name, version = artifact.manifest.name, str(artifact.manifest.version)
         with self._lock:
             if version in self._models.get(name, {}):
