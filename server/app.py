@@ -6,7 +6,9 @@
 
 1. health turns NOT_SERVING for every service (probes and watchers move away first);
 2. new RPCs are refused with UNAVAILABLE ("shutting down"), health checks excepted;
-3. RPCs already accepted run to completion, for up to ``grace_seconds``;
+3. RPCs already accepted run to completion, for up to ``grace_seconds``; refusals go on
+   for a short linger after that (``REFUSAL_LINGER_S``, within the grace), because grpc
+   itself answers calls that race its own stop with CANCELLED, which clients do not retry;
 4. the gRPC server stops (cancelling anything still running), then the data plane,
    then the metrics endpoint; the process exits 0.
 """
@@ -42,6 +44,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 INFERENCE_SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+#: After the RPCs in flight finish, how long shutdown keeps refusing new ones with UNAVAILABLE
+#: before the gRPC server itself stops (within the grace period).
+REFUSAL_LINGER_S = 0.5
 
 
 class InferenceServer:
@@ -108,6 +113,10 @@ class InferenceServer:
         logger.info("shutting down: refusing new RPCs, %d in flight, grace %.1f s", in_flight, grace)
         if not await self._drain.wait_idle(grace):
             logger.warning("grace of %.1f s ran out with %d RPCs still running; cancelling them", grace, self._drain.in_flight)
+        # grpc cancels (CANCELLED, not retryable) calls that arrive once its own stop begins.
+        # Clients whose last request was just answered send the next one right away, so keep
+        # refusing them with UNAVAILABLE for a moment first: they learn to go elsewhere.
+        await asyncio.sleep(min(REFUSAL_LINGER_S, max(0.0, deadline - time.monotonic())))
         await self.grpc_server.stop(max(0.0, deadline - time.monotonic()))
         await self.dataplane.stop(max(0.0, deadline - time.monotonic()))
         if self._metrics_http is not None:
