@@ -1,0 +1,471 @@
+"""Model-level benchmark: every runtime on the same tokens, interleaved in one process.
+
+Runtimes (each skipped with a note when it cannot be built here):
+
+* ``pytorch-fp32``: the original model as its authors run it (sentence-transformers, or
+  transformers ``AutoModel`` + the folder's pooling), sdpa attention, fp32;
+* ``ort-fp32``: our plain ONNX export of the original, in ONNX Runtime (its default graph
+  optimizations, no transformer fusion);
+* ``ort-fp32-fused``: the same after ONNX Runtime's transformer optimizer;
+* ``ort-int8-dynamic``: the fused graph after ``quantize_dynamic`` with per-channel int8
+  weights: the recipe Optimum's O2 + dynamic INT8 gives, built with ONNX Runtime's own tools;
+  unpruned, it is the peer our pruning has to beat;
+* ``pruneserve-<preset>``: artifacts built by ``pruneserve optimize --preset <preset>``;
+* ``openvino-*``: OpenVINO default / f32 hint / NNCF INT8, when those packages are installed.
+
+For each: b1x32 latency and b32x128 throughput (medians after warm-up), fidelity (cosine to
+the PyTorch fp32 original over real sentences), batch invariance (max |change| of a text's
+embedding alone vs in a padded batch), FLOPs left, and the share of the int8 ceiling reached.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks._common import (
+    BenchConfig,
+    BenchmarkError,
+    TokenBatch,
+    default_model_dir,
+    interleaved_medians,
+    load_corpus,
+    median,
+    ort_session,
+    percentile,
+    python_exe,
+    shaped_batch,
+    tokenize,
+    write_rows,
+)
+from benchmarks.ceilings import Ceilings, measure_ceilings, model_flops
+
+logger = logging.getLogger(__name__)
+
+#: (label, batch, sequence) of the two timed shapes.
+SHAPES: tuple[tuple[str, int, int], ...] = (("b1x32", 1, 32), ("b32x128", 32, 128))
+REFERENCE = "pytorch-fp32"
+
+
+@dataclass
+class Runtime:
+    """One way of computing the embeddings: a callable on pre-tokenized batches."""
+
+    name: str
+    kind: str
+    run: Callable[[TokenBatch], np.ndarray]
+    onnx_path: Path | None = None
+    note: str = ""
+
+
+@dataclass
+class ModelBenchResult:
+    rows: list[dict[str, Any]]
+    notes: list[str] = field(default_factory=list)
+    ceilings: Ceilings | None = None
+
+
+# -- the original model ------------------------------------------------------------------
+
+
+def _pooling(model_dir: Path) -> tuple[str, bool]:
+    """(pooling mode, L2-normalise) as the folder's sentence-transformers config defines them."""
+    modules_file = model_dir / "modules.json"
+    if not modules_file.is_file():
+        return "mean", True
+    modules = json.loads(modules_file.read_text())
+    normalize = any(m.get("type", "").endswith("Normalize") for m in modules)
+    mode = "mean"
+    for m in modules:
+        if m.get("type", "").endswith("Pooling"):
+            cfg = json.loads((model_dir / m["path"] / "config.json").read_text())
+            if cfg.get("pooling_mode_cls_token"):
+                mode = "cls"
+    return mode, normalize
+
+
+class _PooledEncoder:
+    """transformers ``AutoModel`` + pooling + optional normalisation, as a torch module."""
+
+    def __new__(cls, model_dir: Path, attn: str) -> Any:
+        import torch
+        from transformers import AutoModel
+
+        mode, normalize = _pooling(model_dir)
+        base = AutoModel.from_pretrained(str(model_dir), attn_implementation=attn).eval()
+
+        class Pooled(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.base = base
+
+            def forward(
+                self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+            ) -> torch.Tensor:
+                h = self.base(
+                    input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+                ).last_hidden_state
+                if mode == "cls":
+                    e = h[:, 0]
+                else:
+                    m = attention_mask.unsqueeze(-1).to(h.dtype)
+                    e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+                return torch.nn.functional.normalize(e, dim=-1) if normalize else e
+
+        return Pooled().eval()
+
+
+def torch_runtime(model_dir: Path, threads: int) -> Runtime:
+    """The original in PyTorch fp32 with sdpa attention (sentence-transformers when the folder is one)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    if (model_dir / "modules.json").is_file():
+        from sentence_transformers import SentenceTransformer
+
+        st = SentenceTransformer(
+            str(model_dir), device="cpu", model_kwargs={"attn_implementation": "sdpa"}, local_files_only=True
+        ).eval()
+
+        def run(b: TokenBatch) -> np.ndarray:
+            with torch.inference_mode():
+                out = st(
+                    {
+                        "input_ids": torch.from_numpy(b.input_ids),
+                        "attention_mask": torch.from_numpy(b.attention_mask),
+                        "token_type_ids": torch.from_numpy(b.token_type_ids),
+                    }
+                )
+            return out["sentence_embedding"].numpy()
+
+        return Runtime(REFERENCE, "pytorch", run, note="sentence-transformers, sdpa")
+    pooled = _PooledEncoder(model_dir, "sdpa")
+
+    def run_plain(b: TokenBatch) -> np.ndarray:
+        with torch.inference_mode():
+            return pooled(
+                torch.from_numpy(b.input_ids), torch.from_numpy(b.attention_mask), torch.from_numpy(b.token_type_ids)
+            ).numpy()
+
+    return Runtime(REFERENCE, "pytorch", run_plain, note="transformers AutoModel + pooling, sdpa")
+
+
+def export_original(model_dir: Path, out: Path, opset: int = 17) -> Path:
+    """Export the original (pooling included) to ONNX with the TorchScript exporter.
+
+    Eager attention traces to plain MatMul/Softmax, which ONNX Runtime's transformer optimizer
+    fuses into ``Attention`` when it is told the head count and hidden size.
+    """
+    import torch
+
+    model = _PooledEncoder(model_dir, "eager")
+    ids = torch.ones(2, 16, dtype=torch.long)
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    axes = {n: {0: "batch", 1: "sequence"} for n in names} | {"embedding": {0: "batch"}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with torch.inference_mode():
+        torch.onnx.export(
+            model,
+            (ids, torch.ones_like(ids), torch.zeros_like(ids)),
+            str(out),
+            input_names=names,
+            output_names=["embedding"],
+            dynamic_axes=axes,
+            opset_version=opset,
+            dynamo=False,
+        )
+    return out
+
+
+def fuse_original(src: Path, dst: Path, model_dir: Path) -> dict[str, int]:
+    """ONNX Runtime's transformer optimizer (BERT fusions), as Optimum's O2 level applies it."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    opt = optimize_model(
+        str(src),
+        model_type="bert",
+        num_heads=int(cfg["num_attention_heads"]),
+        hidden_size=int(cfg["hidden_size"]),
+        opt_level=0,
+    )
+    opt.save_model_to_file(str(dst))
+    return {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
+
+
+def quantize_original(src: Path, dst: Path) -> None:
+    """Dynamic INT8, per-channel int8 weights, on MatMul and fused Attention (Optimum's dynamic recipe)."""
+    from onnx import TensorProto
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        str(src),
+        str(dst),
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        reduce_range=False,
+        op_types_to_quantize=["MatMul", "Attention"],
+        # Fused contrib ops (com.microsoft domain) defeat ONNX shape inference; their outputs are fp32.
+        extra_options={"DefaultTensorType": TensorProto.FLOAT},
+    )
+
+
+def baseline_models(model_dir: Path, cache: Path) -> dict[str, Path]:
+    """Export, fuse and quantize the original once; cached under ``cache`` by model folder."""
+    cache.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "ort-fp32": cache / "original.onnx",
+        "ort-fp32-fused": cache / "original_fused.onnx",
+        "ort-int8-dynamic": cache / "original_fused_int8.onnx",
+    }
+    stamp = cache / "source.json"
+    source = {"model_dir": str(model_dir.resolve()), "config_mtime": (model_dir / "config.json").stat().st_mtime}
+    if stamp.is_file() and json.loads(stamp.read_text()) == source and all(p.is_file() for p in paths.values()):
+        return paths
+    logger.info("exporting, fusing and quantizing the original model into %s", cache)
+    export_original(model_dir, paths["ort-fp32"])
+    stats = fuse_original(paths["ort-fp32"], paths["ort-fp32-fused"], model_dir)
+    logger.info("fusion: %s", stats)
+    quantize_original(paths["ort-fp32-fused"], paths["ort-int8-dynamic"])
+    stamp.write_text(json.dumps(source))
+    return paths
+
+
+# -- ONNX runtimes -----------------------------------------------------------------------
+
+
+def ort_runtime(name: str, path: Path, threads: int, kind: str = "onnxruntime", note: str = "") -> Runtime:
+    """A CPU ONNX Runtime session (spinning off) fed with whatever inputs the graph declares."""
+    sess = ort_session(path, threads)
+    inputs = [i.name for i in sess.get_inputs()]
+    output = sess.get_outputs()[0].name
+
+    def run(b: TokenBatch) -> np.ndarray:
+        return sess.run([output], b.feeds(inputs))[0]
+
+    return Runtime(name, kind, run, onnx_path=path, note=note)
+
+
+def openvino_runtimes(onnx_path: Path, threads: int, calib: list[TokenBatch]) -> tuple[list[Runtime], list[str]]:
+    """OpenVINO default / f32 hint / NNCF INT8 peers when the packages are installed."""
+    notes: list[str] = []
+    try:
+        import openvino as ov
+    except ImportError:
+        return [], ["OpenVINO not installed: its rows are skipped (`pip install openvino nncf` to add them)."]
+    core = ov.Core()
+    ov_model = core.read_model(str(onnx_path))
+    names = [p.get_any_name() for p in ov_model.inputs]
+
+    def make(name: str, model: Any, config: dict[str, Any], note: str) -> Runtime:
+        compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, **config})
+        req = compiled.create_infer_request()
+
+        def run(b: TokenBatch) -> np.ndarray:
+            return np.asarray(req.infer(b.feeds(names))[0])
+
+        return Runtime(name, "openvino", run, note=note)
+
+    out = [
+        make("openvino-default", ov_model, {}, f"OpenVINO {ov.__version__} default precision"),
+        make("openvino-f32", ov_model, {"INFERENCE_PRECISION_HINT": "f32"}, "INFERENCE_PRECISION_HINT=f32"),
+    ]
+    try:
+        import nncf
+
+        dataset = nncf.Dataset([b.feeds(names) for b in calib])
+        q = nncf.quantize(ov_model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calib))
+        out.append(make("openvino-nncf-int8", q, {}, f"NNCF {nncf.__version__} post-training INT8"))
+    except ImportError:
+        notes.append("NNCF not installed: the OpenVINO INT8 row is skipped.")
+    return out, notes
+
+
+# -- artifacts ---------------------------------------------------------------------------
+
+
+def build_artifacts(cfg: BenchConfig) -> tuple[dict[str, Path], list[str]]:
+    """Our artifacts by label: given ones, cached ones, or built now by ``pruneserve optimize``."""
+    if cfg.artifacts:
+        return dict(cfg.artifacts), []
+    assert cfg.artifact_cache is not None
+    out: dict[str, Path] = {}
+    notes: list[str] = []
+    for preset in cfg.presets:
+        dest = cfg.artifact_cache / preset
+        if not (dest / "manifest.json").is_file():
+            if dest.exists():
+                shutil.rmtree(dest)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            cmd = [python_exe(), "-m", "pruneserve.cli", "optimize", "--preset", preset, "--out", str(dest)]
+            logger.info("building artifact: %s", " ".join(cmd))
+            t0 = time.perf_counter()
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=_offline_env())
+            except subprocess.TimeoutExpired:
+                notes.append(f"`pruneserve optimize --preset {preset}` timed out after 1 h; its rows are skipped.")
+                continue
+            if proc.returncode != 0 or not (dest / "manifest.json").is_file():
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+                notes.append(
+                    f"`pruneserve optimize --preset {preset}` failed (exit {proc.returncode}: {tail[0][:200]}); "
+                    "its rows are skipped."
+                )
+                continue
+            logger.info("built %s in %.0f s", dest, time.perf_counter() - t0)
+        out[f"pruneserve-{preset}"] = dest
+    return out, notes
+
+
+def _offline_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def artifact_manifest(path: Path) -> dict[str, Any]:
+    return json.loads((path / "manifest.json").read_text())
+
+
+# -- measurements ------------------------------------------------------------------------
+
+
+def fidelity(
+    runtimes: list[Runtime], batches: list[TokenBatch], reference: str = REFERENCE
+) -> dict[str, tuple[float, float]]:
+    """Mean and min cosine of each runtime's embeddings to the reference's, over ``batches``."""
+    outs: dict[str, list[np.ndarray]] = {rt.name: [rt.run(b) for b in batches] for rt in runtimes}
+    ref = np.concatenate(outs[reference]).astype(np.float64)
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    result = {}
+    for name, chunks in outs.items():
+        e = np.concatenate(chunks).astype(np.float64)
+        e /= np.linalg.norm(e, axis=1, keepdims=True)
+        cos = np.clip((e * ref).sum(axis=1), -1.0, 1.0)
+        result[name] = (float(cos.mean()), float(cos.min()))
+    return result
+
+
+def batch_invariance(rt: Runtime, batch: TokenBatch, rows: int) -> float:
+    """Max |embedding alone - embedding in ``batch``| over its first ``rows`` texts."""
+    together = rt.run(batch)
+    worst = 0.0
+    for i in range(min(rows, batch.shape[0])):
+        alone = rt.run(batch.row(i))[0]
+        worst = max(worst, float(np.abs(alone - together[i]).max()))
+    return worst
+
+
+def run_model_bench(cfg: BenchConfig, ceilings: Ceilings | None = None) -> ModelBenchResult:
+    """Build every runtime, time both shapes interleaved, measure quality; write model.csv/json."""
+    from tokenizers import Tokenizer
+
+    model_dir = cfg.model_dir or default_model_dir()
+    notes: list[str] = []
+    corpus = load_corpus()
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    cache = cfg.out_dir / "artifacts" / "baselines" / model_dir.resolve().name
+    if cfg.model_dir is not None:
+        cache = cfg.out_dir / "artifacts" / "baselines" / f"custom-{abs(hash(str(model_dir.resolve()))) % 10**8}"
+    baselines = baseline_models(model_dir, cache)
+
+    runtimes: list[Runtime] = [torch_runtime(model_dir, cfg.threads)]
+    runtimes.append(ort_runtime("ort-fp32", baselines["ort-fp32"], cfg.threads, note="plain export, no fusion"))
+    runtimes.append(
+        ort_runtime("ort-fp32-fused", baselines["ort-fp32-fused"], cfg.threads, note="ORT transformer optimizer")
+    )
+    runtimes.append(
+        ort_runtime(
+            "ort-int8-dynamic",
+            baselines["ort-int8-dynamic"],
+            cfg.threads,
+            note="unpruned, fused + quantize_dynamic per-channel int8 (Optimum O2 + dynamic INT8 recipe)",
+        )
+    )
+    artifacts, art_notes = build_artifacts(cfg)
+    notes += art_notes
+    for label, path in artifacts.items():
+        man = artifact_manifest(path)
+        runtimes.append(
+            ort_runtime(
+                label,
+                path / man.get("model_file", "model.onnx"),
+                cfg.threads,
+                kind="pruneserve",
+                note=_artifact_note(man),
+            )
+        )
+
+    n_fid = 64 if cfg.quick else 256
+    fid_batches = [tokenize(tok, corpus[1000 + i : 1000 + i + 16], 128) for i in range(0, n_fid, 16)]
+    ov, ov_notes = openvino_runtimes(baselines["ort-fp32"], cfg.threads, fid_batches[:4])
+    runtimes += ov
+    notes += ov_notes
+
+    ceilings = ceilings or measure_ceilings(cfg.threads, cfg.quick)
+    fid = fidelity(runtimes, fid_batches)
+    inv_batch = tokenize(tok, corpus[1500:1516], 128)
+    inv = {rt.name: batch_invariance(rt, inv_batch, 4 if cfg.quick else 16) for rt in runtimes}
+
+    rows: list[dict[str, Any]] = []
+    for label, b, s in SHAPES:
+        batch = shaped_batch(tok, corpus, b, s, start=200)
+        repeats = {"b1x32": 15 if cfg.quick else 200, "b32x128": 3 if cfg.quick else 20}[label]
+        samples = interleaved_medians({rt.name: (lambda rt=rt: rt.run(batch)) for rt in runtimes}, repeats, warmup=2)
+        ref_ms = median(samples[REFERENCE])
+        int8_ms = median(samples.get("ort-int8-dynamic", [float("nan")]))
+        for rt in runtimes:
+            ms = median(samples[rt.name])
+            flops = model_flops(rt.onnx_path or baselines["ort-fp32"], b, s)
+            achieved = flops / (ms * 1e-3) / 1e9
+            rows.append(
+                {
+                    "runtime": rt.name,
+                    "kind": rt.kind,
+                    "shape": label,
+                    "batch": b,
+                    "seq": s,
+                    "median_ms": ms,
+                    "p10_ms": percentile(samples[rt.name], 10),
+                    "p90_ms": percentile(samples[rt.name], 90),
+                    "repeats": len(samples[rt.name]),
+                    "texts_per_s": b / (ms * 1e-3),
+                    "speedup_vs_pytorch": ref_ms / ms,
+                    "speedup_vs_ort_int8": int8_ms / ms,
+                    "fidelity_mean": fid[rt.name][0],
+                    "fidelity_min": fid[rt.name][1],
+                    "batch_invariance_max_abs": inv[rt.name],
+                    "gflop": flops / 1e9,
+                    "achieved_gops": achieved,
+                    "share_int8_ceiling": achieved / ceilings.int8_gops,
+                    "share_fp32_ceiling": achieved / ceilings.fp32_gflops,
+                    "threads": cfg.threads,
+                    "note": rt.note,
+                }
+            )
+    write_rows(cfg.out_dir, "model", rows)
+    (cfg.out_dir / "ceilings.json").write_text(json.dumps(ceilings.to_dict(), indent=2) + "\n")
+    return ModelBenchResult(rows, notes, ceilings)
+
+
+def _artifact_note(man: dict[str, Any]) -> str:
+    parts = []
+    q = man.get("quantization") or {}
+    if q:
+        parts.append(str(q.get("mode") or q.get("method") or q.get("scheme") or "quantized"))
+    p = man.get("pruning") or {}
+    for key in ("heads_kept", "kept_heads", "head_fraction", "sparsity"):
+        if key in p:
+            parts.append(f"{key}={p[key]}")
+    return ", ".join(parts)
+

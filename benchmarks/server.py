@@ -1,0 +1,428 @@
+"""Server-level benchmark: ``perf_analyzer`` over gRPC against pruneserve and Triton, plus the ceiling.
+
+Three things serve the same artifact (same ONNX Runtime session options, same tokenizer, same
+thread count, same batching limits):
+
+* ``pruneserve serve`` (our server);
+* Triton Inference Server 2.51 from the ``nvidia-pytriton`` wheel, whose Python backend wraps
+  the artifact's session + tokenizer behind Triton's dynamic batcher (``triton_peer.py``, run in
+  its own venv under ``benchmarks/.peers/`` so its ``numpy<2`` pin cannot touch ours);
+* the in-process ceiling: the same texts, tokenized and run straight through ONNX Runtime in
+  full batches of ``concurrency`` texts, with no server at all.
+
+Triton's ``perf_analyzer`` (from the ``tritonclient==2.50.0`` wheel, set up by
+``setup_perf_analyzer.sh``) drives both servers with real texts (``--input-data`` JSON) at
+each concurrency. Throughput, p50 and p99 come from perf_analyzer; the mean batch size comes
+from each server's own Prometheus counters (inferences / executions). Everything binds to
+127.0.0.1, every load is bounded in time, and every server started here is stopped here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from benchmarks._common import (
+    BENCH_DIR,
+    PEERS_DIR,
+    BenchConfig,
+    BenchmarkError,
+    load_corpus,
+    median,
+    ort_session,
+    percentile,
+    python_exe,
+    write_rows,
+)
+
+logger = logging.getLogger(__name__)
+
+CONCURRENCIES: tuple[int, ...] = (1, 4, 16)
+PYTRITON_SPEC = "nvidia-pytriton==0.5.14"  # bundles Triton Inference Server 2.51.0
+TRITON_VENV = PEERS_DIR / "triton-venv"
+PERF_ANALYZER_DIR = PEERS_DIR / "perf_analyzer"
+MAX_BATCH_SIZE = 32
+MAX_QUEUE_DELAY_MS = 2.0
+READY_TIMEOUT_S = 180.0
+#: A stability threshold no two windows can miss: perf_analyzer then reports after its trials.
+NO_STABILITY = 1000
+
+#: (inferences counter, executions counter) in each server's Prometheus text.
+COUNTERS = {
+    "pruneserve": ("pruneserve_inferences_total", "pruneserve_executions_total"),
+    "triton": ("nv_inference_count", "nv_inference_exec_count"),
+}
+
+#: What the issues ask of the server, stated beside what was measured.
+TARGETS = {
+    "vs_inprocess_c16": 0.90,
+    "vs_triton_c16": 1.20,
+    "p50_over_inprocess_c1_ms": 1.0,
+}
+
+
+@dataclass
+class ServerProcess:
+    """A server this benchmark started (its own process group) and the ports it listens on."""
+
+    kind: str
+    proc: subprocess.Popen[bytes]
+    grpc_port: int
+    metrics_port: int
+    model: str
+    log: Path
+
+
+# -- tools -------------------------------------------------------------------------------
+
+
+def ensure_perf_analyzer() -> Path:
+    """Run ``setup_perf_analyzer.sh`` (idempotent) and return the perf_analyzer wrapper's path."""
+    script = BENCH_DIR / "setup_perf_analyzer.sh"
+    env = dict(os.environ, PIP=f"{python_exe()} -m pip")
+    proc = subprocess.run(
+        ["bash", str(script), str(PERF_ANALYZER_DIR)], capture_output=True, text=True, timeout=900, env=env
+    )
+    if proc.returncode != 0:
+        raise BenchmarkError(f"setup_perf_analyzer.sh failed (exit {proc.returncode}): {proc.stderr.strip()[-400:]}")
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def _base_python() -> str:
+    """The interpreter the project's venv was made from (the peer venv needs its libpython)."""
+    base = Path(sys.base_prefix) / "bin" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    return str(base if base.exists() else sys.executable)
+
+
+def ensure_triton_venv() -> Path:
+    """Create ``benchmarks/.peers/triton-venv`` with PyTriton, ONNX Runtime and tokenizers; return its python."""
+    py = TRITON_VENV / "bin" / "python"
+    check = [str(py), "-c", "import pytriton, onnxruntime, tokenizers"]
+    if py.exists() and subprocess.run(check, capture_output=True, timeout=120).returncode == 0:
+        return py
+    logger.info("creating the Triton peer venv in %s (one-off, ~2 min)", TRITON_VENV)
+    subprocess.run([_base_python(), "-m", "venv", str(TRITON_VENV)], check=True, timeout=300)
+    proc = subprocess.run(
+        [str(py), "-m", "pip", "install", "-q", PYTRITON_SPEC, "onnxruntime", "tokenizers", "numpy<2"],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    if proc.returncode != 0:
+        raise BenchmarkError(f"installing {PYTRITON_SPEC} into {TRITON_VENV} failed: {proc.stderr.strip()[-400:]}")
+    return py
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- servers -----------------------------------------------------------------------------
+
+
+def _libdir_of(python: str) -> str:
+    out = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR') or '')"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return out.stdout.strip()
+
+
+def _wait_ready(server: ServerProcess, timeout: float) -> None:
+    import tritonclient.grpc as grpcclient
+
+    deadline = time.monotonic() + timeout
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    try:
+        while time.monotonic() < deadline:
+            if server.proc.poll() is not None:
+                raise BenchmarkError(
+                    f"{server.kind} exited with {server.proc.returncode} before it was ready; "
+                    f"log: {server.log}\n{_tail(server.log)}"
+                )
+            try:
+                if client.is_server_ready() and client.is_model_ready(server.model):
+                    return
+            except Exception:  # noqa: BLE001 - not listening yet
+                pass
+            time.sleep(0.5)
+    finally:
+        client.close()
+    raise BenchmarkError(f"{server.kind} was not ready within {timeout:.0f} s; log: {server.log}\n{_tail(server.log)}")
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def stop_server(server: ServerProcess, grace: float = 20.0) -> None:
+    """SIGTERM the server's process group, then SIGKILL it if it has not exited within ``grace``."""
+    if server.proc.poll() is not None:
+        return
+    pgid = os.getpgid(server.proc.pid)
+    os.killpg(pgid, signal.SIGTERM)
+    try:
+        server.proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        logger.warning("%s did not stop within %.0f s; killing it", server.kind, grace)
+        os.killpg(pgid, signal.SIGKILL)
+        server.proc.wait(10)
+    # Triton's own child (tritonserver) shares the group; make sure nothing of ours lingers.
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@contextmanager
+def serving(kind: str, artifact: Path, model: str, threads: int, log_dir: Path) -> Iterator[ServerProcess]:
+    """Start ``kind`` ('pruneserve' or 'triton') on free 127.0.0.1 ports; always stop it afterwards."""
+    grpc_port, metrics_port = free_port(), free_port()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"{kind}.log"
+    common = [
+        "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
+        "--max-batch-size", str(MAX_BATCH_SIZE), "--max-queue-delay-ms", str(MAX_QUEUE_DELAY_MS),
+        "--threads", str(threads),
+    ]  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    if kind == "pruneserve":
+        cmd = [python_exe(), "-m", "pruneserve.cli", "serve", str(artifact), "--host", "127.0.0.1",
+               "--metrics-host", "127.0.0.1", *common]  # fmt: skip
+    elif kind == "triton":
+        py = str(ensure_triton_venv())
+        cmd = [py, str(BENCH_DIR / "triton_peer.py"), str(artifact), "--http-port", str(free_port()),
+               "--model-name", model, *common]  # fmt: skip
+        # The Python backend stub links libpython: the interpreter's own LIBDIR must come first.
+        libdir = _libdir_of(py)
+        env["LD_LIBRARY_PATH"] = ":".join(p for p in (libdir, env.get("LD_LIBRARY_PATH", "")) if p)
+    else:
+        raise BenchmarkError(f"unknown server kind {kind!r}")
+    logger.info("starting %s: %s", kind, " ".join(cmd))
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    server = ServerProcess(kind, proc, grpc_port, metrics_port, model, log)
+    try:
+        _wait_ready(server, READY_TIMEOUT_S)
+        yield server
+    finally:
+        stop_server(server)
+
+
+def scrape(port: int, names: Sequence[str]) -> dict[str, float]:
+    """Sum of every sample of each named metric in the server's Prometheus text."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    out = {n: 0.0 for n in names}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)", line)
+        if m and m.group(1) in out:
+            out[m.group(1)] += float(m.group(3))
+    return out
+
+
+# -- load --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    """How long and how strictly perf_analyzer measures each concurrency."""
+
+    interval_ms: int
+    max_trials: int
+    stability_pct: int
+
+    @classmethod
+    def for_mode(cls, quick: bool) -> LoadSettings:
+        # Quick: three short windows (the fewest perf_analyzer accepts) and no stability demand,
+        # since a busy development machine never stabilises; full: long windows, 15%.
+        return cls(1500, 3, NO_STABILITY) if quick else cls(5000, 10, 15)
+
+    @property
+    def timeout_s(self) -> float:
+        return self.max_trials * (self.interval_ms / 1000) * 3 + 60
+
+
+def write_input_data(texts: Sequence[str], path: Path) -> Path:
+    """perf_analyzer ``--input-data`` JSON: one step per text, ``text`` as a [1] BYTES tensor."""
+    path.write_text(json.dumps({"data": [{"text": [t]} for t in texts]}), encoding="utf-8")
+    return path
+
+
+def run_perf_analyzer(
+    pa: Path, server: ServerProcess, concurrency: int, input_json: Path, settings: LoadSettings, csv_out: Path
+) -> dict[str, Any]:
+    """One perf_analyzer run at one concurrency; falls back to no stability demand if it cannot stabilise."""
+    for stability in dict.fromkeys((settings.stability_pct, NO_STABILITY)):
+        cmd = [
+            str(pa), "-m", server.model, "-i", "grpc", "-u", f"127.0.0.1:{server.grpc_port}",
+            "--input-data", str(input_json), "--concurrency-range", str(concurrency),
+            "-p", str(settings.interval_ms), "-r", str(settings.max_trials), "-s", str(stability),
+            "--percentile=99", "-f", str(csv_out),
+        ]  # fmt: skip
+        before = scrape(server.metrics_port, COUNTERS[server.kind])
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=settings.timeout_s)
+        except subprocess.TimeoutExpired:
+            raise BenchmarkError(f"perf_analyzer at concurrency {concurrency} ran past {settings.timeout_s:.0f} s")
+        after = scrape(server.metrics_port, COUNTERS[server.kind])
+        if proc.returncode == 0 and csv_out.is_file():
+            row = _parse_pa_csv(csv_out)
+            inf, exe = (after[n] - before[n] for n in COUNTERS[server.kind])
+            row["mean_batch_size"] = inf / exe if exe else float("nan")
+            row["stable"] = stability < NO_STABILITY
+            row["command"] = " ".join(cmd)
+            return row
+        if stability == NO_STABILITY:
+            break
+        logger.info("perf_analyzer did not stabilise at %d%%; measuring without the stability demand", stability)
+    raise BenchmarkError(
+        f"perf_analyzer failed against {server.kind} at concurrency {concurrency} (exit {proc.returncode}):\n"
+        f"{(proc.stdout + proc.stderr).strip()[-800:]}"
+    )
+
+
+def _parse_pa_csv(path: Path) -> dict[str, Any]:
+    import csv
+
+    with path.open() as fh:
+        rows = list(csv.DictReader(fh))
+    r = rows[-1]
+    return {
+        "throughput_infer_s": float(r["Inferences/Second"]),
+        "p50_ms": float(r["p50 latency"]) / 1e3,
+        "p90_ms": float(r["p90 latency"]) / 1e3,
+        "p99_ms": float(r["p99 latency"]) / 1e3,
+        "server_queue_ms": float(r.get("Server Queue", 0) or 0) / 1e3,
+        "server_compute_ms": float(r.get("Server Compute Infer", 0) or 0) / 1e3,
+    }
+
+
+def inprocess_ceiling(artifact: Path, threads: int, texts: Sequence[str], concurrency: int, seconds: float) -> dict[str, Any]:
+    """The same texts in full batches of ``concurrency``, tokenized and run straight through ONNX Runtime.
+
+    No network, no queue: what a perfect server could do with these batches. Every text of a
+    batch waits for the whole batch, so latency = the batch's time.
+    """
+    from tokenizers import Tokenizer
+
+    man = json.loads((artifact / "manifest.json").read_text())
+    tok = Tokenizer.from_file(str(artifact / (man.get("tokenizer_file") or "tokenizer.json")))
+    tok.enable_truncation(int(man["max_sequence_length"]))
+    tok.enable_padding()
+    sess = ort_session(artifact / man.get("model_file", "model.onnx"), threads)
+    names = [i.name for i in sess.get_inputs()]
+    out_name = sess.get_outputs()[0].name
+
+    def one(batch: Sequence[str]) -> None:
+        encs = tok.encode_batch(list(batch))
+        feeds = {
+            "input_ids": np.asarray([e.ids for e in encs], dtype=np.int64),
+            "attention_mask": np.asarray([e.attention_mask for e in encs], dtype=np.int64),
+            "token_type_ids": np.asarray([e.type_ids for e in encs], dtype=np.int64),
+        }
+        sess.run([out_name], {n: feeds[n] for n in names})
+
+    n = len(texts)
+    batches = [[texts[(i * concurrency + j) % n] for j in range(concurrency)] for i in range(n)]
+    for b in batches[:3]:
+        one(b)
+    lat: list[float] = []
+    t_end = time.perf_counter() + seconds
+    i = 0
+    t_start = time.perf_counter()
+    while time.perf_counter() < t_end or len(lat) < 5:
+        t0 = time.perf_counter()
+        one(batches[i % len(batches)])
+        lat.append((time.perf_counter() - t0) * 1e3)
+        i += 1
+    wall = time.perf_counter() - t_start
+    return {
+        "throughput_infer_s": len(lat) * concurrency / wall,
+        "p50_ms": median(lat),
+        "p90_ms": percentile(lat, 90),
+        "p99_ms": percentile(lat, 99),
+        "mean_batch_size": float(concurrency),
+        "stable": True,
+        "command": f"in-process: tokenizers + onnxruntime, {threads} threads, batches of {concurrency}",
+    }
+
+
+def pick_artifact(artifacts: dict[str, Path]) -> tuple[str, Path]:
+    """The artifact the server comparison serves: the default preset when there is one."""
+    if not artifacts:
+        raise BenchmarkError("no artifact to serve: build one with `pruneserve optimize` or pass --artifact")
+    label = "pruneserve-default" if "pruneserve-default" in artifacts else sorted(artifacts)[0]
+    return label, artifacts[label]
+
+
+def run_server_bench(
+    cfg: BenchConfig, artifacts: dict[str, Path], servers: Sequence[str] = ("pruneserve", "triton")
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Measure every server and the in-process ceiling at each concurrency; write server.csv/json."""
+    notes: list[str] = []
+    label, artifact = pick_artifact(artifacts)
+    model = json.loads((artifact / "manifest.json").read_text())["name"]
+    texts = load_corpus()[:256]
+    work = cfg.out_dir / "server"
+    work.mkdir(parents=True, exist_ok=True)
+    input_json = write_input_data(texts, work / "input_data.json")
+    settings = LoadSettings.for_mode(cfg.quick)
+    pa = ensure_perf_analyzer()
+
+    rows: list[dict[str, Any]] = []
+    for c in CONCURRENCIES:
+        rows.append({"server": "in-process", "concurrency": c, **inprocess_ceiling(
+            artifact, cfg.threads, texts, c, settings.interval_ms / 1000 * settings.max_trials)})  # fmt: skip
+    for kind in servers:
+        try:
+            with serving(kind, artifact, model, cfg.threads, work) as srv:
+                for c in CONCURRENCIES:
+                    row = run_perf_analyzer(pa, srv, c, input_json, settings, work / f"{kind}_c{c}.csv")
+                    rows.append({"server": kind, "concurrency": c, **row})
+        except BenchmarkError as exc:
+            logger.error("%s: %s", kind, exc)
+            notes.append(f"{kind} could not be measured: {str(exc).splitlines()[0]}")
+    _add_ratios(rows)
+    for r in rows:
+        r["artifact"] = label
+        r["threads"] = cfg.threads
+        r["max_batch_size"] = MAX_BATCH_SIZE
+        r["max_queue_delay_ms"] = MAX_QUEUE_DELAY_MS
+    write_rows(cfg.out_dir, "server", rows)
+    return rows, notes
+
+
+def _add_ratios(rows: list[dict[str, Any]]) -> None:
+    by = {(r["server"], r["concurrency"]): r for r in rows}
+    for r in rows:
+        c = r["concurrency"]
+        ceiling, triton = by.get(("in-process", c)), by.get(("triton", c))
+        r["vs_inprocess"] = r["throughput_infer_s"] / ceiling["throughput_infer_s"] if ceiling else float("nan")
+        r["vs_triton"] = r["throughput_infer_s"] / triton["throughput_infer_s"] if triton else float("nan")
+        r["p99_vs_triton"] = r["p99_ms"] / triton["p99_ms"] if triton else float("nan")
+        r["p50_over_inprocess_ms"] = r["p50_ms"] - ceiling["p50_ms"] if ceiling else float("nan")
