@@ -132,8 +132,20 @@ class InferenceServer:
         await self.grpc_server.wait_for_termination()
 
 
-def _read(path: str | None) -> bytes | None:
-    return Path(path).read_bytes() if path else None
+def _read_pem(field: str, path: str | None, marker: bytes) -> bytes | None:
+    """Read a PEM file named by config ``field``; refuse one that holds no ``marker`` block."""
+    if not path:
+        return None
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{field} {path!r} cannot be read ({exc.strerror}); give the path of a PEM file") from None
+    if b"-----BEGIN " not in data or marker not in data:
+        raise ConfigError(
+            f"{field} {path!r} is not a PEM {marker.decode().strip('-').lower()}; TLS needs PEM files "
+            "(-----BEGIN ...-----)"
+        )
+    return data
 
 
 def server_credentials(config: ServeConfig) -> grpc.ServerCredentials | None:
@@ -144,7 +156,9 @@ def server_credentials(config: ServeConfig) -> grpc.ServerCredentials | None:
     """
     if not config.tls_cert:
         return None
-    key, cert, client_ca = _read(config.tls_key), _read(config.tls_cert), _read(config.tls_client_ca)
+    cert = _read_pem("tls_cert", config.tls_cert, b"CERTIFICATE-----")
+    key = _read_pem("tls_key", config.tls_key, b"PRIVATE KEY-----")
+    client_ca = _read_pem("tls_client_ca", config.tls_client_ca, b"CERTIFICATE-----")
     assert key is not None and cert is not None  # ServeConfig requires cert and key together
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
@@ -180,8 +194,9 @@ async def create_server(config: ServeConfig, dataplane: DataPlane | None = None)
     embedding applications can run many servers in one process.
 
     Raises:
-        ConfigError: the address cannot be bound or a TLS file cannot be read.
+        ConfigError: the address cannot be bound or a TLS file is unreadable or not PEM.
     """
+    credentials = server_credentials(config)  # before loading models: fail fast on bad files
     if dataplane is None:
         from pruneserve.server.dataplane import DataPlane
 
@@ -197,11 +212,7 @@ async def create_server(config: ServeConfig, dataplane: DataPlane | None = None)
 
     address = f"{config.host}:{config.grpc_port}"
     try:
-        credentials = server_credentials(config)
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    except OSError as exc:
-        await dataplane.stop(0)
-        raise ConfigError(f"cannot read a TLS file: {exc}; check tls_cert, tls_key and tls_client_ca") from None
     except RuntimeError as exc:  # grpc reports a failed bind as RuntimeError
         await dataplane.stop(0)
         raise ConfigError(

@@ -50,7 +50,11 @@ class ServerThread:
         self._thread = threading.Thread(target=self.loop.run_forever, name="grpc-test-server", daemon=True)
         self._thread.start()
         self.server: InferenceServer
-        self.server, self.port = self.call(create_server(config, dataplane))
+        try:
+            self.server, self.port = self.call(create_server(config, dataplane))
+        except BaseException:
+            self._end_loop()
+            raise
 
     @property
     def url(self) -> str:
@@ -67,9 +71,12 @@ class ServerThread:
         try:
             self.call(self.server.stop(grace), timeout=grace + 30)
         finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
-            self.loop.close()
+            self._end_loop()
+
+    def _end_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
 
 
 @contextlib.contextmanager
