@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 PROVIDER_NAMES: tuple[str, ...] = ("tensorrt", "cuda", "cpu")
 #: Engines a config may name; ``auto`` picks the artifact's recommendation, else ONNX Runtime.
 ENGINE_NAMES: tuple[str, ...] = ("auto", "onnxruntime", "openvino")
+#: OpenVINO precision hints; ``auto`` lets OpenVINO choose (bf16 on CPUs that have it).
+OPENVINO_PRECISIONS: tuple[str, ...] = ("f32", "bf16", "f16", "auto")
 #: Default sequence-length bucket bounds: a request joins the smallest bucket that holds it.
 DEFAULT_LENGTH_BUCKETS: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
 
@@ -65,6 +67,8 @@ class ServeConfig:
         shadow_rate: fraction of requests also run on the artifact's unpruned reference
             model in the background, to measure live fidelity (0 = off).
         tensorrt_fp16, tensorrt_int8, tensorrt_cache_dir: TensorRT provider options.
+        openvino_precision: OpenVINO ``INFERENCE_PRECISION_HINT`` (``f32`` keeps answers
+            batch-invariant; ``bf16``/``auto`` are faster on CPUs with bf16 units).
     """
 
     artifacts: list[str] = field(default_factory=list)
@@ -92,6 +96,7 @@ class ServeConfig:
     tensorrt_fp16: bool = True
     tensorrt_int8: bool = False
     tensorrt_cache_dir: str | None = None
+    openvino_precision: str = "f32"
 
     def __post_init__(self) -> None:
         if isinstance(self.artifacts, (str, os.PathLike)):
@@ -124,6 +129,11 @@ class ServeConfig:
             raise ConfigError(f"providers {self.providers!r} names a provider twice; list each once")
         if self.engine not in ENGINE_NAMES:
             raise ConfigError(f"engine {self.engine!r} is not one of {ENGINE_NAMES}; use 'auto' to let the artifact choose")
+        if self.openvino_precision not in OPENVINO_PRECISIONS:
+            raise ConfigError(
+                f"openvino_precision {self.openvino_precision!r} is not one of {OPENVINO_PRECISIONS}; "
+                "use 'f32' unless you accept batch-dependent answers"
+            )
         if not self.length_buckets or any(
             not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in self.length_buckets
         ):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -78,6 +79,15 @@ class Engine(ABC):
         """Labels describing this engine for logs and ``pruneserve_model_info``."""
         return {"engine": self.name, "provider": self.providers[0] if self.providers else "", "providers": ",".join(self.providers)}
 
+    @property
+    def exact(self) -> bool:
+        """Whether the engine computes at the graph's own precision (fp32 stays fp32).
+
+        An engine that lowers precision (TensorRT fp16, OpenVINO bf16) makes answers
+        depend on batch-mates, so a batch-invariant artifact is no longer served as one.
+        """
+        return True
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the engine's resources."""
 
@@ -99,6 +109,7 @@ class EngineOptions:
     tensorrt_fp16: bool = True
     tensorrt_int8: bool = False
     tensorrt_cache_dir: str | None = None
+    openvino_precision: str = "f32"
 
     @classmethod
     def from_config(cls, config: ServeConfig, max_sequence_length: int) -> EngineOptions:
@@ -111,6 +122,7 @@ class EngineOptions:
             tensorrt_fp16=config.tensorrt_fp16,
             tensorrt_int8=config.tensorrt_int8,
             tensorrt_cache_dir=config.tensorrt_cache_dir,
+            openvino_precision=config.openvino_precision,
         )
 
 
@@ -166,6 +178,13 @@ class OnnxRuntimeEngine(Engine):
         self._input_names = [i.name for i in self._session.get_inputs()]
         self._output_names = [o.name for o in self._session.get_outputs()]
         self._threads = options.threads
+        self._lowered = self._providers[:1] == ["TensorrtExecutionProvider"] and (
+            options.tensorrt_fp16 or options.tensorrt_int8
+        )
+
+    @property
+    def exact(self) -> bool:
+        return not self._lowered
 
     @staticmethod
     def _provider_options(provider: str, options: EngineOptions, input_names: Sequence[str]) -> dict[str, Any]:
@@ -230,28 +249,110 @@ class OnnxRuntimeEngine(Engine):
         self._session = None  # type: ignore[assignment]
 
 
-def _openvino_unavailable(*_: Any, **__: Any) -> Engine:
-    raise ModelLoadError(
-        "engine 'openvino' is not available in this build; use engine 'onnxruntime' (or 'auto')"
-    )
+class OpenVinoEngine(Engine):
+    """An OpenVINO compiled model on the CPU, one infer request per worker thread.
+
+    Precision is pinned with ``INFERENCE_PRECISION_HINT`` (``f32`` by default): left alone,
+    OpenVINO picks bf16 on CPUs that have it, which changes answers by ~5e-4 and makes them
+    depend on batch-mates (measured), breaking the artifact's batch-invariance promise.
+    """
+
+    name = "openvino"
+
+    def __init__(self, model_path: str | Path, options: EngineOptions, input_names: Sequence[str]) -> None:
+        try:
+            import openvino as ov
+        except ImportError:
+            raise ModelLoadError(
+                "engine 'openvino' needs the openvino package (pip install 'pruneserve[openvino]'); "
+                "or use engine 'onnxruntime'"
+            ) from None
+        if any(p != "cpu" for p in options.providers):
+            logger.warning("engine 'openvino' runs on the CPU; providers %s apply to onnxruntime only", list(options.providers))
+        config: dict[str, Any] = {
+            "INFERENCE_NUM_THREADS": options.threads,
+            "PERFORMANCE_HINT": "LATENCY",
+        }
+        if options.openvino_precision != "auto":
+            config["INFERENCE_PRECISION_HINT"] = options.openvino_precision
+        try:
+            core = ov.Core()
+            self._compiled = core.compile_model(core.read_model(str(model_path)), "CPU", config)
+        except Exception as exc:  # OpenVINO raises RuntimeError subclasses for bad graphs
+            raise ModelLoadError(f"OpenVINO cannot load {Path(model_path).name}: {exc}") from None
+        self._version = ov.__version__
+        self._devices = [str(d) for d in self._compiled.get_property("EXECUTION_DEVICES")]
+        hint = self._compiled.get_property("INFERENCE_PRECISION_HINT")
+        self._precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
+        self._threads = options.threads
+        self._input_names = [p.get_any_name() for p in self._compiled.inputs]
+        self._output_names = [p.get_any_name() for p in self._compiled.outputs]
+        # An InferRequest is not thread-safe; the compiled model is. One request per worker.
+        self._local = threading.local()
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self._devices)
+
+    @property
+    def requested_providers(self) -> list[str]:
+        return ["CPU"]
+
+    @property
+    def input_names(self) -> list[str]:
+        """The graph's input names."""
+        return list(self._input_names)
+
+    @property
+    def output_names(self) -> list[str]:
+        """The graph's output names."""
+        return list(self._output_names)
+
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self._compiled.create_infer_request()
+        result = request.infer({k: v for k, v in feeds.items() if k in self._input_names})
+        # Copy: the request reuses its output buffers on the next run.
+        return {n: np.array(result[n], copy=True) for n in (outputs or self._output_names)}
+
+    @property
+    def exact(self) -> bool:
+        return self._precision == "f32"
+
+    def describe(self) -> dict[str, str]:
+        info = super().describe()
+        info.update(engine_version=self._version, threads=str(self._threads), precision=self._precision)
+        return info
+
+    def close(self) -> None:
+        self._compiled = None  # type: ignore[assignment]
 
 
-#: Engine name -> factory ``(model_path, options, input_names) -> Engine``.
+#: Engine name -> factory ``(model_path, options, input_names) -> Engine``. A new runtime is
+#: one :class:`Engine` subclass added here; batching, metrics and transport are shared.
 ENGINES: dict[str, Callable[..., Engine]] = {
     "onnxruntime": OnnxRuntimeEngine,
-    "openvino": _openvino_unavailable,
+    "openvino": OpenVinoEngine,
 }
 
 
 def resolve_engine_name(config_engine: str, manifest: Manifest) -> str:
-    """The engine to use: the config's choice, or with ``auto`` the artifact's recommendation."""
+    """The engine to use: the config's choice, or with ``auto`` the artifact's recommendation.
+
+    ``auto`` follows the manifest's ``runtime.engine`` when this process can run it, and
+    otherwise falls back to ONNX Runtime, which runs every artifact.
+    """
     if config_engine != "auto":
         return config_engine
     recommended = str(manifest.runtime.get("engine", "onnxruntime"))
-    if recommended not in ENGINES or recommended == "openvino":
-        # The artifact may recommend an engine this build lacks; ORT runs every artifact.
-        return "onnxruntime"
-    return recommended
+    if recommended == "openvino":
+        import importlib.util
+
+        if importlib.util.find_spec("openvino") is None:
+            logger.warning("model %s recommends engine 'openvino', which is not installed; using onnxruntime", manifest.name)
+            return "onnxruntime"
+    return recommended if recommended in ENGINES else "onnxruntime"
 
 
 def create_engine(name: str, model_path: str | Path, options: EngineOptions, input_names: Sequence[str]) -> Engine:
@@ -530,7 +631,8 @@ class ModelRuntime:
 
     @property
     def batch_invariant(self) -> bool:
-        return bool(self.manifest.batch_invariant)
+        """Whether answers are independent of batch-mates: the artifact says so and the engine keeps its precision."""
+        return bool(self.manifest.batch_invariant) and self.engine.exact
 
     @property
     def output_names(self) -> list[str]:
@@ -547,7 +649,7 @@ class ModelRuntime:
         info.update(
             task=m.task,
             quantization=str(quant.get("mode") or quant.get("method") or quant.get("type") or ("none" if not quant else "yes")),
-            batch_invariant=str(m.batch_invariant).lower(),
+            batch_invariant=str(self.batch_invariant).lower(),
             max_sequence_length=str(self.max_sequence_length),
             target=m.target,
         )
@@ -753,6 +855,7 @@ __all__ = [
     "ExecutionTimes",
     "ModelRuntime",
     "OnnxRuntimeEngine",
+    "OpenVinoEngine",
     "Prepared",
     "TextProcessor",
     "assemble_feeds",

@@ -199,8 +199,10 @@ def test_failed_batch_is_retried_per_request(embedding_artifact: Path, run_datap
     assert "Traceback" not in str(err) and "poisoned" not in str(err)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_batch_invariance_fp32(embedding_artifact: Path, run_dataplane, seed: int) -> None:
+@pytest.mark.parametrize(("engine", "seed"), [("onnxruntime", 0), ("onnxruntime", 1), ("onnxruntime", 2), ("openvino", 0)])
+def test_batch_invariance_fp32(embedding_artifact: Path, run_dataplane, engine: str, seed: int) -> None:
+    if engine == "openvino":
+        pytest.importorskip("openvino", reason="the openvino extra is not installed")
     rng = random.Random(seed)
     target = "the quick brown fox jumps over the lazy dog"
     others = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, MAX_LEN - 2))) for _ in range(7)]
@@ -216,7 +218,7 @@ def test_batch_invariance_fp32(embedding_artifact: Path, run_dataplane, seed: in
         return alone, batched[3], engine.batch_sizes
 
     # One bucket wide enough for everything: padding differs from the lone run.
-    alone, batched, sizes = run_dataplane(_config(embedding_artifact, length_buckets=[MAX_LEN]), scenario)
+    alone, batched, sizes = run_dataplane(_config(embedding_artifact, length_buckets=[MAX_LEN], engine=engine), scenario)
     assert sizes[-1] == 8
     assert np.abs(alone.outputs[0].data - batched.outputs[0].data).max() <= 1e-5
 
