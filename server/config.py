@@ -23,8 +23,9 @@ logger = logging.getLogger(__name__)
 PROVIDER_NAMES: tuple[str, ...] = ("tensorrt", "cuda", "cpu")
 #: Engines a config may name; ``auto`` picks the artifact's recommendation, else ONNX Runtime.
 ENGINE_NAMES: tuple[str, ...] = ("auto", "onnxruntime", "openvino")
-#: OpenVINO precision hints; ``auto`` lets OpenVINO choose (bf16 on CPUs that have it).
-OPENVINO_PRECISIONS: tuple[str, ...] = ("f32", "bf16", "f16", "auto")
+#: OpenVINO precision hints; ``auto`` = the artifact's recorded choice, else f32
+#: (the same names as ``engine_openvino.PRECISIONS``; repeated here to avoid an import cycle).
+OPENVINO_PRECISIONS: tuple[str, ...] = ("auto", "f32", "bf16")
 #: Default sequence-length bucket bounds: a request joins the smallest bucket that holds it.
 DEFAULT_LENGTH_BUCKETS: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
 
@@ -67,8 +68,9 @@ class ServeConfig:
         shadow_rate: fraction of requests also run on the artifact's unpruned reference
             model in the background, to measure live fidelity (0 = off).
         tensorrt_fp16, tensorrt_int8, tensorrt_cache_dir: TensorRT provider options.
-        openvino_precision: OpenVINO ``INFERENCE_PRECISION_HINT`` (``f32`` keeps answers
-            batch-invariant; ``bf16``/``auto`` are faster on CPUs with bf16 units).
+        openvino_precision: OpenVINO ``INFERENCE_PRECISION_HINT``: ``auto`` (the artifact's
+            recorded choice, else ``f32``), ``f32`` (batch-invariant), or ``bf16`` (faster on
+            CPUs with bf16 units; answers then depend slightly on batch-mates).
     """
 
     artifacts: list[str] = field(default_factory=list)
@@ -96,7 +98,7 @@ class ServeConfig:
     tensorrt_fp16: bool = True
     tensorrt_int8: bool = False
     tensorrt_cache_dir: str | None = None
-    openvino_precision: str = "f32"
+    openvino_precision: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.artifacts, (str, os.PathLike)):
@@ -132,7 +134,7 @@ class ServeConfig:
         if self.openvino_precision not in OPENVINO_PRECISIONS:
             raise ConfigError(
                 f"openvino_precision {self.openvino_precision!r} is not one of {OPENVINO_PRECISIONS}; "
-                "use 'f32' unless you accept batch-dependent answers"
+                "use 'auto' or 'f32'"
             )
         if not self.length_buckets or any(
             not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in self.length_buckets

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -80,13 +79,18 @@ class Engine(ABC):
         return {"engine": self.name, "provider": self.providers[0] if self.providers else "", "providers": ",".join(self.providers)}
 
     @property
+    def precision(self) -> str:
+        """Precision of the graph's float parts as the engine runs them (``f32`` = the graph's own)."""
+        return "f32"
+
+    @property
     def exact(self) -> bool:
         """Whether the engine computes at the graph's own precision (fp32 stays fp32).
 
         An engine that lowers precision (TensorRT fp16, OpenVINO bf16) makes answers
         depend on batch-mates, so a batch-invariant artifact is no longer served as one.
         """
-        return True
+        return self.precision == "f32"
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the engine's resources."""
@@ -109,7 +113,7 @@ class EngineOptions:
     tensorrt_fp16: bool = True
     tensorrt_int8: bool = False
     tensorrt_cache_dir: str | None = None
-    openvino_precision: str = "f32"
+    openvino_precision: str = "auto"
 
     @classmethod
     def from_config(cls, config: ServeConfig, max_sequence_length: int) -> EngineOptions:
@@ -178,13 +182,14 @@ class OnnxRuntimeEngine(Engine):
         self._input_names = [i.name for i in self._session.get_inputs()]
         self._output_names = [o.name for o in self._session.get_outputs()]
         self._threads = options.threads
-        self._lowered = self._providers[:1] == ["TensorrtExecutionProvider"] and (
-            options.tensorrt_fp16 or options.tensorrt_int8
-        )
+        self._precision = "f32"
+        if self._providers[:1] == ["TensorrtExecutionProvider"]:
+            # TensorRT may run layers in any enabled lower precision.
+            self._precision = "int8" if options.tensorrt_int8 else "fp16" if options.tensorrt_fp16 else "f32"
 
     @property
-    def exact(self) -> bool:
-        return not self._lowered
+    def precision(self) -> str:
+        return self._precision
 
     @staticmethod
     def _provider_options(provider: str, options: EngineOptions, input_names: Sequence[str]) -> dict[str, Any]:
@@ -241,7 +246,7 @@ class OnnxRuntimeEngine(Engine):
         info = super().describe()
         import onnxruntime as ort
 
-        info.update(engine_version=ort.__version__, threads=str(self._threads))
+        info.update(engine_version=ort.__version__, threads=str(self._threads), precision=self._precision)
         return info
 
     def close(self) -> None:
@@ -249,91 +254,18 @@ class OnnxRuntimeEngine(Engine):
         self._session = None  # type: ignore[assignment]
 
 
-class OpenVinoEngine(Engine):
-    """An OpenVINO compiled model on the CPU, one infer request per worker thread.
+def _create_openvino_engine(model_path: str | Path, options: EngineOptions, input_names: Sequence[str]) -> Engine:
+    # Imported on use: the module imports this one, and openvino is an optional extra.
+    from pruneserve.server.engine_openvino import create_openvino_engine
 
-    Precision is pinned with ``INFERENCE_PRECISION_HINT`` (``f32`` by default): left alone,
-    OpenVINO picks bf16 on CPUs that have it, which changes answers by ~5e-4 and makes them
-    depend on batch-mates (measured), breaking the artifact's batch-invariance promise.
-    """
-
-    name = "openvino"
-
-    def __init__(self, model_path: str | Path, options: EngineOptions, input_names: Sequence[str]) -> None:
-        try:
-            import openvino as ov
-        except ImportError:
-            raise ModelLoadError(
-                "engine 'openvino' needs the openvino package (pip install 'pruneserve[openvino]'); "
-                "or use engine 'onnxruntime'"
-            ) from None
-        if any(p != "cpu" for p in options.providers):
-            logger.warning("engine 'openvino' runs on the CPU; providers %s apply to onnxruntime only", list(options.providers))
-        config: dict[str, Any] = {
-            "INFERENCE_NUM_THREADS": options.threads,
-            "PERFORMANCE_HINT": "LATENCY",
-        }
-        if options.openvino_precision != "auto":
-            config["INFERENCE_PRECISION_HINT"] = options.openvino_precision
-        try:
-            core = ov.Core()
-            self._compiled = core.compile_model(core.read_model(str(model_path)), "CPU", config)
-        except Exception as exc:  # OpenVINO raises RuntimeError subclasses for bad graphs
-            raise ModelLoadError(f"OpenVINO cannot load {Path(model_path).name}: {exc}") from None
-        self._version = ov.__version__
-        self._devices = [str(d) for d in self._compiled.get_property("EXECUTION_DEVICES")]
-        hint = self._compiled.get_property("INFERENCE_PRECISION_HINT")
-        self._precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
-        self._threads = options.threads
-        self._input_names = [p.get_any_name() for p in self._compiled.inputs]
-        self._output_names = [p.get_any_name() for p in self._compiled.outputs]
-        # An InferRequest is not thread-safe; the compiled model is. One request per worker.
-        self._local = threading.local()
-
-    @property
-    def providers(self) -> list[str]:
-        return list(self._devices)
-
-    @property
-    def requested_providers(self) -> list[str]:
-        return ["CPU"]
-
-    @property
-    def input_names(self) -> list[str]:
-        """The graph's input names."""
-        return list(self._input_names)
-
-    @property
-    def output_names(self) -> list[str]:
-        """The graph's output names."""
-        return list(self._output_names)
-
-    def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        request = getattr(self._local, "request", None)
-        if request is None:
-            request = self._local.request = self._compiled.create_infer_request()
-        result = request.infer({k: v for k, v in feeds.items() if k in self._input_names})
-        # Copy: the request reuses its output buffers on the next run.
-        return {n: np.array(result[n], copy=True) for n in (outputs or self._output_names)}
-
-    @property
-    def exact(self) -> bool:
-        return self._precision == "f32"
-
-    def describe(self) -> dict[str, str]:
-        info = super().describe()
-        info.update(engine_version=self._version, threads=str(self._threads), precision=self._precision)
-        return info
-
-    def close(self) -> None:
-        self._compiled = None  # type: ignore[assignment]
+    return create_openvino_engine(model_path, options, input_names)
 
 
 #: Engine name -> factory ``(model_path, options, input_names) -> Engine``. A new runtime is
 #: one :class:`Engine` subclass added here; batching, metrics and transport are shared.
 ENGINES: dict[str, Callable[..., Engine]] = {
     "onnxruntime": OnnxRuntimeEngine,
-    "openvino": OpenVinoEngine,
+    "openvino": _create_openvino_engine,  # server/engine_openvino.py
 }
 
 
@@ -855,7 +787,6 @@ __all__ = [
     "ExecutionTimes",
     "ModelRuntime",
     "OnnxRuntimeEngine",
-    "OpenVinoEngine",
     "Prepared",
     "TextProcessor",
     "assemble_feeds",

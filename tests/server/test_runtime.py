@@ -218,7 +218,7 @@ def test_missing_gpu_provider_is_logged_and_counted(embedding_artifact: Path, ca
     info = metrics.registry.get_sample_value(
         "pruneserve_model_info",
         {"model": "tiny-embed", "version": "1", "engine": "onnxruntime", "provider": "CPUExecutionProvider",
-         "providers": "CPUExecutionProvider", "engine_version": ort.__version__, "threads": "1",
+         "providers": "CPUExecutionProvider", "engine_version": ort.__version__, "threads": "1", "precision": "f32",
          "task": "embedding", "quantization": "none", "batch_invariant": "true",
          "max_sequence_length": str(MAX_LEN), "target": "cpu", "kept_heads": "6", "total_heads": "12"},
     )  # fmt: skip
