@@ -2,9 +2,9 @@
 
 Three layers, each replaceable on its own:
 
-* :class:`Engine` runs a graph on named numpy feeds. :class:`OnnxRuntimeEngine` is the one
-  implementation today; another runtime (OpenVINO, issue 10) is one more subclass registered in
-  :data:`ENGINES`, served by the same batcher and transport.
+* :class:`Engine` runs a graph on named numpy feeds. :class:`OnnxRuntimeEngine` (here) and
+  ``OpenVinoEngine`` (``engine_openvino.py``) implement it and are registered by name in
+  :data:`ENGINES`; the batcher, metrics and transport are the same for every engine.
 * :class:`TextProcessor` owns the artifact's ``tokenizer.json`` (``tokenizers``, server-side)
   and the checks on pre-tokenized ids: length limits, vocabulary range, UTF-8.
 * :class:`ModelRuntime` binds an artifact's manifest, engine and processor: it validates a
@@ -68,7 +68,11 @@ class Engine(ABC):
     @property
     @abstractmethod
     def requested_providers(self) -> list[str]:
-        """The providers asked for, in order of preference (after dropping unavailable ones)."""
+        """The providers asked for, most preferred first.
+
+        The first entry is the operator's first choice even when this build lacks it, so a
+        GPU deployment that got a CPU-only build shows up as a fallback.
+        """
 
     @abstractmethod
     def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
@@ -76,7 +80,11 @@ class Engine(ABC):
 
     def describe(self) -> dict[str, str]:
         """Labels describing this engine for logs and ``pruneserve_model_info``."""
-        return {"engine": self.name, "provider": self.providers[0] if self.providers else "", "providers": ",".join(self.providers)}
+        return {
+            "engine": self.name,
+            "provider": self.providers[0] if self.providers else "",
+            "providers": ",".join(self.providers),
+        }
 
     @property
     def precision(self) -> str:
@@ -580,14 +588,16 @@ class ModelRuntime:
         quant = m.quantization
         info.update(
             task=m.task,
-            quantization=str(quant.get("mode") or quant.get("method") or quant.get("type") or ("none" if not quant else "yes")),
+            quantization=str(quant.get("mode") or quant.get("method") or ("yes" if quant else "none")),
             batch_invariant=str(self.batch_invariant).lower(),
             max_sequence_length=str(self.max_sequence_length),
             target=m.target,
         )
-        for key in ("kept_heads", "total_heads", "kept_ffn", "total_ffn", "sparsity"):
-            if key in m.pruning and isinstance(m.pruning[key], (int, float, str)):
-                info[key] = str(m.pruning[key])
+        plan = m.pruning.get("plan") if isinstance(m.pruning.get("plan"), Mapping) else {}
+        for key, plan_key in (("kept_heads", "heads"), ("total_heads", None), ("kept_ffn", "ffn"), ("total_ffn", None)):
+            count = _count(m.pruning.get(key, plan.get(plan_key) if plan_key else None))
+            if count is not None:
+                info[key] = str(count)
         info.setdefault("kept_heads", "")
         return info
 
@@ -758,6 +768,20 @@ class ModelRuntime:
         self.engine.close()
         if self.reference is not None:
             self.reference.close()
+
+
+def _count(value: Any) -> int | None:
+    """A total from a pruning record entry: a number, per-layer counts, or per-layer index lists."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, (list, tuple)) and value:
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return sum(value)
+        if all(isinstance(v, (list, tuple)) for v in value):
+            return sum(len(v) for v in value)
+    return None
 
 
 def assemble_feeds(encs: Sequence[Encoded], pad_id: int, input_names: Sequence[str]) -> dict[str, np.ndarray]:
