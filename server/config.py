@@ -48,7 +48,7 @@ class ServeConfig:
         metrics_host, metrics_port: where Prometheus scrapes ``/metrics`` (port 0 = off).
         max_batch_size: most requests' items computed in one engine run.
         max_queue_delay_ms: how long the first queued item may wait for batch-mates.
-        max_queue_size: most items waiting per model; beyond it requests fail at once with
+        max_queue_size: most requests waiting per model; beyond it requests fail at once with
             RESOURCE_EXHAUSTED instead of queueing without bound.
         threads: ONNX Runtime intra-op threads per session (default: available cores
             divided by ``workers``).
