@@ -63,6 +63,7 @@ class InferenceServer:
         port: int,
         health: HealthReporter,
         drain: DrainInterceptor,
+        shutdown: asyncio.Event,
     ) -> None:
         self.config = config
         self.dataplane = dataplane
@@ -70,6 +71,7 @@ class InferenceServer:
         self.port = port
         self.health = health
         self._drain = drain
+        self._shutdown = shutdown
         self._metrics_http: tuple[WSGIServer, threading.Thread] | None = None
         self._stopping: asyncio.Task[None] | None = None
 
@@ -109,6 +111,7 @@ class InferenceServer:
         deadline = time.monotonic() + grace
         await self.health.shutdown()
         self._drain.start_draining()
+        self._shutdown.set()  # open streams stop reading and end
         in_flight = self._drain.in_flight
         logger.info("shutting down: refusing new RPCs, %d in flight, grace %.1f s", in_flight, grace)
         if not await self._drain.wait_idle(grace):
@@ -204,9 +207,10 @@ async def create_server(config: ServeConfig, dataplane: DataPlane | None = None)
     await dataplane.start()
     health = HealthReporter(dataplane)
     drain = DrainInterceptor()
+    shutdown = asyncio.Event()
     # Order matters: ErrorInterceptor is outermost, so it also maps DrainInterceptor's refusals.
     server = grpc.aio.server(interceptors=[ErrorInterceptor(), drain], options=_grpc_options(config))
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane, shutdown), server)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     _enable_reflection(server)
 
@@ -228,7 +232,7 @@ async def create_server(config: ServeConfig, dataplane: DataPlane | None = None)
         "mutual TLS" if config.tls_client_ca else "TLS" if config.tls_cert else "plaintext",
         ", ".join(dataplane.model_names()) or "none",
     )
-    return InferenceServer(config, dataplane, server, port, health, drain), port
+    return InferenceServer(config, dataplane, server, port, health, drain, shutdown), port
 
 
 async def serve(config: ServeConfig) -> int:

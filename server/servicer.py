@@ -346,8 +346,10 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """``inference.GRPCInferenceService`` over a :class:`~pruneserve.server.dataplane.DataPlane`."""
 
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(self, dataplane: DataPlane, shutdown: asyncio.Event | None = None) -> None:
+        """``shutdown``, once set, makes open streams stop reading and end (see ModelStreamInfer)."""
         self._dataplane = dataplane
+        self._shutdown = shutdown if shutdown is not None else asyncio.Event()
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=self._dataplane.live())
@@ -395,7 +397,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         Requests run concurrently, so a stream batches like many unary calls would; a failed
         request is answered with ``error_message`` (and its id) and the stream goes on, as
-        Triton does. The stream's deadline, if any, applies to every request in it.
+        Triton does. The stream's deadline, if any, applies to every request in it. When the
+        server starts shutting down, the stream stops reading, answers what it accepted and
+        ends, so an idle open stream does not hold shutdown until the grace runs out.
         """
         deadline = _deadline(context)
         answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
@@ -414,7 +418,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async def read_all() -> None:
             try:
-                async for message in request_iterator:
+                iterator = request_iterator.__aiter__()
+                while (message := await self._next_unless_shutdown(iterator)) is not None:
                     task = asyncio.create_task(answer(message))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
@@ -432,6 +437,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             reader.cancel()
             for task in list(tasks):
                 task.cancel()
+
+    async def _next_unless_shutdown(self, iterator: AsyncIterator[pb.ModelInferRequest]) -> pb.ModelInferRequest | None:
+        """The stream's next request; None at its end or once shutdown begins."""
+        if self._shutdown.is_set():
+            return None
+        read = asyncio.ensure_future(iterator.__anext__())
+        stop = asyncio.ensure_future(self._shutdown.wait())
+        try:
+            await asyncio.wait({read, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not read.done():
+            read.cancel()
+            return None
+        try:
+            return read.result()
+        except StopAsyncIteration:
+            return None
 
     @staticmethod
     def _stream_error(message: pb.ModelInferRequest, text: str) -> pb.ModelStreamInferResponse:

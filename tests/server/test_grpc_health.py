@@ -109,3 +109,29 @@ def test_grace_bounds_the_wait_for_stuck_requests(embedding_artifact: Path) -> N
         engine.gate.set()
         assert isinstance(held[0], grpc.RpcError)
         assert held[0].code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+
+
+def test_shutdown_ends_idle_open_streams_instead_of_waiting_out_the_grace(
+    server: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    def requests(first_answered: threading.Event) -> Iterator[pb.ModelInferRequest]:
+        yield texts_request([b"hello"])
+        first_answered.wait(30)
+        # Keep the stream open and idle, like a client between bursts, until the test ends it.
+        release.wait(60)
+
+    release = threading.Event()
+    answered = threading.Event()
+    replies: list[pb.ModelStreamInferResponse] = []
+    with grpc.insecure_channel(server.url) as ch:
+        stream = pb_grpc.GRPCInferenceServiceStub(ch).ModelStreamInfer(requests(answered), timeout=60)
+        replies.append(next(stream))
+        answered.set()
+        with caplog.at_level("WARNING", logger="pruneserve.server.app"):
+            # grace_seconds is 20: without ending the stream, stop would wait all of it and warn.
+            server.call(server.server.stop(20.0), timeout=60)
+        rest = list(stream)  # the server ended the stream cleanly (no error raised)
+        release.set()
+    assert not replies[0].error_message and len(replies[0].infer_response.outputs) == 1
+    assert rest == []
+    assert not [r for r in caplog.records if "ran out" in r.getMessage()]
