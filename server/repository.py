@@ -92,6 +92,11 @@ class ModelRepository:
         except Exception as exc:  # a graph or tokenizer that passed sha256 but still cannot load
             logger.debug("loading %s failed", path, exc_info=True)
             raise ModelLoadError(f"artifact {os.fspath(path)} cannot be loaded: {exc}") from exc
+        try:
+            runtime.warmup()
+        except BaseException:
+            runtime.close()
+            raise
         with self._lock:
             self._models.setdefault(name, {})[version] = runtime
         self._publish(runtime)

@@ -748,6 +748,32 @@ class ModelRuntime:
                 out.append(InferOutput(name, "FP32", tuple(arr.shape), arr))
         return out
 
+    def warmup(self) -> None:
+        """Run one tiny batch so a graph that loads but cannot run is refused before serving.
+
+        It also moves the engine's first-run costs (memory arenas, kernel selection, a
+        TensorRT engine build) out of the first real request.
+        """
+        if self.processor.accepts_text:
+            encoded = self.processor.encode_texts([b"warm up"])
+        else:
+            ids = np.zeros((1, 2), dtype=np.int64)
+            encoded = self.processor.check_ids(ids, np.ones_like(ids), None)
+        prepared = Prepared(encoded, self.output_names)
+        try:
+            [raw], _ = self.execute([prepared])
+            self.make_outputs(prepared, raw)
+        except Exception as exc:  # any engine failure here means the model cannot serve
+            raise ModelLoadError(f"model {self.name} version {self.version} failed its warm-up run: {exc}") from None
+        expected = {o.name: o.dims for o in self.manifest.outputs}
+        for name, dims in expected.items():
+            got = list(raw[name].shape[1:])
+            if got != dims:
+                raise ModelLoadError(
+                    f"model {self.name}: output {name!r} has shape [batch, {', '.join(map(str, got))}] "
+                    f"but the manifest declares [batch, {', '.join(map(str, dims))}]; rebuild the artifact"
+                )
+
     def shadow_cosines(self, prepared: Prepared, raw: Mapping[str, np.ndarray]) -> list[float]:
         """Cosine between each served row and the reference model's row for the same input.
 

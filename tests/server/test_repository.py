@@ -138,6 +138,19 @@ def test_unloadable_graph_with_valid_hashes_is_refused(artifact_factory, tmp_pat
     assert repo.names() == ["good"]
 
 
+def test_manifest_that_disagrees_with_the_graph_is_refused_at_warm_up(artifact_factory) -> None:
+    good = artifact_factory(name="good")
+    bad = artifact_factory(name="wrong-dims")
+    # The manifest is not hashed by itself: a hand-edited output shape must still be caught.
+    _edit_manifest(bad, lambda d: d["outputs"][0].update(dims=[16]))
+    repo = ModelRepository(ServeConfig(threads=1))
+    failures = repo.load_all([bad, good])
+    assert [f.reason for f in failures] == ["engine"]
+    assert "output 'embedding' has shape [batch, 8] but the manifest declares [batch, 16]" in failures[0].message
+    assert repo.names() == ["good"]
+    repo.close()
+
+
 def test_versions_latest_and_explicit(artifact_factory) -> None:
     v1 = artifact_factory(name="multi", version=1, seed=3)
     v2 = artifact_factory(name="multi", version=2, seed=4)
