@@ -272,7 +272,8 @@ class DataPlane:
             return response
         except ServerError as exc:
             outcome = exc.reason
-            log = logger.warning if exc.reason == "internal" else logger.info
+            # Client errors are logged once, by the transport; here only at DEBUG.
+            log = logger.warning if exc.reason == "internal" else logger.debug
             log(
                 "infer model=%s version=%s failed: %s %s", request.model, request.version or "latest", exc.code, exc,
                 extra={**extra, "model": request.model, "outcome": outcome},
