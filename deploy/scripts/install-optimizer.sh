@@ -47,6 +47,7 @@ if [[ ${#dry_run[@]} -gt 0 ]]; then
 fi
 "${pip[@]}" install -q -c "$constraints" "${src}[cpu,optimizer,default-model]"
 
+cd /  # so that a source tree in the working directory cannot shadow the install
 "$venv/bin/pruneserve" optimize --help >/dev/null
 "$venv/bin/python" -c "import torch, transformers, onnx, onnxruntime; import pruneserve.optimizer"
 echo "install-optimizer.sh: pruneserve optimizer installed in $venv"

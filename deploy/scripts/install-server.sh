@@ -41,6 +41,8 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 # A non-editable install: the image must not depend on the source tree staying around.
 "${pip[@]}" install -q -c "$constraints" "${src}[${flavor}]"
 
+# Checked from / so that a source tree in the working directory cannot shadow the install.
+cd /
 "$venv/bin/pruneserve" serve --help >/dev/null
 "$venv/bin/python" - "$providers_expected" <<'PY'
 """Fail the build when the server install drags in the optimizer's stack or lacks providers."""

@@ -7,7 +7,8 @@
 # Prometheus is never started as a service here; the tests run their own instance.
 set -euo pipefail
 
-PACKAGES=(prometheus libb64-0d)
+# $PRUNESERVE_SYSTEM_PACKAGES overrides the list (the tests use it to exercise the branches).
+read -r -a PACKAGES <<<"${PRUNESERVE_SYSTEM_PACKAGES:-prometheus libb64-0d}"
 
 log() { printf 'install-system-deps: %s\n' "$*" >&2; }
 
