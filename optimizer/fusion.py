@@ -227,14 +227,14 @@ def fuse(onnx_in: str | Path, onnx_out: str | Path, spec: EncoderSpec, config: F
             )
         except Exception as exc:  # the optimizer raises arbitrary types on odd graphs
             raise FusionError(f"ONNX Runtime's transformer optimizer failed on {src}: {exc}") from exc
-    counts_all = Counter(node.op_type for node in model.model.graph.node)
-    counts = {op: int(counts_all.get(op, 0)) for op in COUNTED_OPS}
-    logger.info("fused op counts: %s", ", ".join(f"{k}={v}" for k, v in counts.items() if v))
-    expected = check_fusions(spec, counts, config)
+        counts_all = Counter(node.op_type for node in model.model.graph.node)
+        counts = {op: int(counts_all.get(op, 0)) for op in COUNTED_OPS}
+        logger.info("fused op counts: %s", ", ".join(f"{k}={v}" for k, v in counts.items() if v))
+        expected = check_fusions(spec, counts, config)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    model.save_model_to_file(str(tmp), use_external_data_format=False)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.tmp")
+        model.save_model_to_file(str(tmp), use_external_data_format=False)
     onnx.checker.check_model(str(tmp))
     os.replace(tmp, dst)
 

@@ -108,3 +108,17 @@ def test_config_validation() -> None:
         FusionConfig(opt_level=5)
     with pytest.raises(ConfigError, match="atol"):
         FusionConfig(atol=0)
+
+
+@pytest.mark.slow
+def test_default_model_pruned_export_and_fusion(tmp_path: Path, sample_texts: list[str]) -> None:
+    loaded = load_model(None)
+    full = list(range(1536))
+    plan = PruningPlan([[0, 1, 2], [3, 4, 5, 6], list(range(12)), [], [1, 2], list(range(12))],
+                       [full, full, full, full, full, list(range(100))])
+    enc = prune(loaded.encoder, plan)
+    result = fuse(export_onnx(enc, tmp_path / "raw.onnx").path, tmp_path / "fused.onnx", enc.spec)
+    assert result.counts["Attention"] == 5 and result.counts["SkipLayerNormalization"] == 11
+    assert result.counts["EmbedLayerNormalization"] == 1 and result.counts["BiasGelu"] == 6
+    batch = tokenize(loaded.tokenizer, sample_texts, None, loaded.max_sequence_length, True)
+    assert check_parity(enc, result.path, [batch], atol=1e-4) <= 1e-4
