@@ -3,9 +3,9 @@
 :class:`ErrorInterceptor` wraps every RPC. A :class:`~pruneserve.server.errors.ServerError`
 becomes its ``code`` with the error's own message (written for the caller). Anything else
 is a bug: the caller gets a bare INTERNAL naming only the request id, while the traceback
-goes to the server log under that id. Each RPC runs with its request id bound in a context
-variable, so every log line emitted on its behalf (data plane included) can carry it via
-:class:`RequestIdLogFilter`.
+goes to the server log under that id. Each RPC runs with its request id (the ModelInfer
+``id``, else the ``x-request-id`` metadata, else a fresh one) bound in a context variable,
+so every log line its task emits can carry it via :class:`RequestIdLogFilter`.
 
 :class:`DrainInterceptor` implements the refusal half of graceful shutdown: once
 :meth:`~DrainInterceptor.start_draining` is called, new RPCs (other than health checks)
@@ -40,9 +40,18 @@ _ALWAYS_ALLOWED_PREFIXES: tuple[str, ...] = ("/grpc.health.v1.Health/",)
 _Behavior = Callable[..., Any]
 
 
+#: Longest request id kept for logs (ids come from clients: bound their size in log lines).
+MAX_REQUEST_ID_CHARS = 64
+
+
 def bind_request_id(request_id: str) -> str:
-    """Bind ``request_id`` (or a fresh one when empty) to the current task; returns it."""
-    rid = request_id or uuid.uuid4().hex[:16]
+    """Bind ``request_id`` (or a fresh one when empty) to the current task; returns it.
+
+    The id is client-supplied, so only its first printable characters are kept: a client
+    cannot forge log lines with newlines or flood them with a huge id.
+    """
+    rid = "".join(c for c in request_id[: 4 * MAX_REQUEST_ID_CHARS] if c.isprintable())[:MAX_REQUEST_ID_CHARS]
+    rid = rid or uuid.uuid4().hex[:16]
     REQUEST_ID.set(rid)
     return rid
 

@@ -254,3 +254,12 @@ def test_engine_failure_is_internal_without_internals(gated_server: ServerThread
         assert err.value.code() is grpc.StatusCode.INTERNAL
         assert "poisoned" not in err.value.details()
         assert len(stub.ModelInfer(texts_request([b"dog"]), timeout=30).outputs) == 1
+
+
+def test_client_request_ids_cannot_forge_or_flood_log_lines() -> None:
+    from pruneserve.server.interceptors import MAX_REQUEST_ID_CHARS, REQUEST_ID, bind_request_id
+
+    rid = bind_request_id("abc\nERROR forged line\r" + "x" * 10_000)
+    assert rid.startswith("abcERROR forged line") and "\n" not in rid and "\r" not in rid
+    assert len(rid) == MAX_REQUEST_ID_CHARS and REQUEST_ID.get() == rid
+    assert len(bind_request_id("")) == 16  # none given: a fresh one
