@@ -85,6 +85,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     serve.add_argument("--tls-key", help="PEM private key of --tls-cert")
     serve.add_argument("--tls-client-ca", help="PEM CA that client certificates must chain to (mutual TLS)")
     serve.add_argument("--shadow-rate", type=float, help="fraction of requests also run on the unpruned reference model")
+    serve.add_argument(
+        "--log-format", choices=["text", "json"], default="text",
+        help="text lines, or one JSON object per line with request_id, rpc, model and code fields (default text)",
+    )  # fmt: skip
     serve.set_defaults(func=run_serve)
 
     infer = subparsers.add_parser(
@@ -122,12 +126,33 @@ def config_from_args(args: argparse.Namespace) -> Any:
     return ServeConfig.from_dict({**base, **overrides})
 
 
-def _install_request_id_logging() -> None:
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, message, request id and structured extras."""
+
+    #: Attributes the server's modules attach through ``extra=`` (see interceptors, dataplane).
+    EXTRAS: tuple[str, ...] = ("rpc", "model", "version", "code", "outcome")
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "request_id": getattr(record, "request_id", "-"),
+        }
+        entry.update({k: getattr(record, k) for k in self.EXTRAS if hasattr(record, k)})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def _install_request_id_logging(log_format: str) -> None:
     from pruneserve.server.interceptors import RequestIdLogFilter
 
+    formatter = JsonLogFormatter() if log_format == "json" else logging.Formatter(SERVE_LOG_FORMAT)
     for handler in logging.getLogger().handlers:
         handler.addFilter(RequestIdLogFilter())
-        handler.setFormatter(logging.Formatter(SERVE_LOG_FORMAT))
+        handler.setFormatter(formatter)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -135,7 +160,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from pruneserve.server.app import serve
     from pruneserve.server.errors import ServerError
 
-    _install_request_id_logging()
+    _install_request_id_logging(getattr(args, "log_format", "text"))
     try:
         config = config_from_args(args)
     except ServerError as exc:
@@ -186,4 +211,4 @@ def _jsonable(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-__all__ = ["SERVE_LOG_FORMAT", "config_from_args", "register", "run_infer", "run_serve"]
+__all__ = ["SERVE_LOG_FORMAT", "JsonLogFormatter", "config_from_args", "register", "run_infer", "run_serve"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -91,3 +92,24 @@ def test_port_in_use_is_a_clear_config_error(embedding_artifact: Path) -> None:
         taken = make_config([embedding_artifact], grpc_port=srv.port)
         with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{srv.port}"):
             asyncio.run(create_server(taken))
+
+
+def test_json_logs_carry_the_request_id_and_structured_fields() -> None:
+    import json
+    import logging
+
+    from pruneserve.server.cli import JsonLogFormatter
+    from pruneserve.server.interceptors import RequestIdLogFilter, bind_request_id
+
+    bind_request_id("req-7")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        exc_info = sys.exc_info()
+    record = logging.LogRecord("pruneserve.x", logging.ERROR, __file__, 1, "failed %s", ("here",), exc_info)
+    record.rpc, record.code = "/inference.GRPCInferenceService/ModelInfer", "INTERNAL"
+    RequestIdLogFilter().filter(record)
+    entry = json.loads(JsonLogFormatter().format(record))
+    assert entry["request_id"] == "req-7" and entry["message"] == "failed here"
+    assert (entry["rpc"], entry["code"], entry["level"]) == ("/inference.GRPCInferenceService/ModelInfer", "INTERNAL", "ERROR")
+    assert "ValueError: boom" in entry["exception"]
