@@ -94,11 +94,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     infer = subparsers.add_parser(
         "infer",
         help="send texts to a running server and print the outputs as JSON",
-        description="Send one request with --text items to MODEL and print its outputs as JSON.",
+        description=(
+            "Send one request with --text items to MODEL and print its outputs as JSON; with --ready, "
+            "only report whether the server and MODEL are ready (exit 0 when both are)."
+        ),
     )
     infer.add_argument("--model", required=True, help="model name")
     infer.add_argument("--model-version", default="", help="model version (default: the latest)")
-    infer.add_argument("--text", action="append", required=True, help="a text to send (repeat for a batch)")
+    infer.add_argument("--text", action="append", default=[], help="a text to send (repeat for a batch)")
+    infer.add_argument("--ready", action="store_true", help="check readiness instead of inferring")
     infer.add_argument("--url", default="localhost:8001", help="server host:port (default localhost:8001)")
     infer.add_argument("--output", action="append", default=[], help="output to return (repeatable; default all)")
     infer.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds (default 30)")
@@ -177,13 +181,22 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_infer(args: argparse.Namespace) -> int:
-    """``pruneserve infer``: one request, outputs printed as JSON; 1 on an RPC error."""
+    """``pruneserve infer``: one request, outputs printed as JSON; 1 on an RPC error or not ready."""
     import grpc
 
     from pruneserve.server.client import InferenceClient
 
+    if not args.ready and not args.text:
+        print("pruneserve infer: give at least one --text (or --ready to check readiness)", file=sys.stderr)
+        return 2
     try:
-        with InferenceClient(args.url, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key) as client:
+        with InferenceClient(
+            args.url, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key, timeout=args.timeout
+        ) as client:
+            if args.ready:
+                ready = {"server_ready": client.server_ready(), "model_ready": client.model_ready(args.model, args.model_version)}
+                print(json.dumps({"model": args.model, **ready}))
+                return 0 if all(ready.values()) else 1
             outputs = client.infer_text(
                 args.model, args.text, outputs=args.output, version=args.model_version, timeout=args.timeout
             )

@@ -282,3 +282,7 @@ def test_cli_infer_prints_json(server: ServerThread, classifier_artifact: Path, 
     rc = main(["infer", "--url", server.url, "--model", "no-such-model", "--text", "x"])
     assert rc == 1
     assert "NOT_FOUND" in capsys.readouterr().err
+    assert main(["infer", "--url", server.url, "--model", "tiny-cls", "--ready"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"model": "tiny-cls", "server_ready": True, "model_ready": True}
+    assert main(["infer", "--url", server.url, "--model", "no-such-model", "--ready"]) == 1
+    assert main(["infer", "--url", server.url, "--model", "tiny-cls"]) == 2  # nothing to send
