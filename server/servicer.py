@@ -443,13 +443,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if self._shutdown.is_set():
             return None
         read = asyncio.ensure_future(iterator.__anext__())
+        # The stream's end arrives as StopAsyncIteration; if this coroutine is cancelled (the
+        # client went away) nobody else would look at it, so mark it retrieved here.
+        read.add_done_callback(lambda t: t.cancelled() or t.exception())
         stop = asyncio.ensure_future(self._shutdown.wait())
         try:
             await asyncio.wait({read, stop}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop.cancel()
-        if not read.done():
-            read.cancel()
+            if not read.done():
+                read.cancel()
+        if read.cancelled():
             return None
         try:
             return read.result()

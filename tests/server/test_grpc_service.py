@@ -286,3 +286,28 @@ def test_cli_infer_prints_json(server: ServerThread, classifier_artifact: Path, 
     assert json.loads(capsys.readouterr().out) == {"model": "tiny-cls", "server_ready": True, "model_ready": True}
     assert main(["infer", "--url", server.url, "--model", "no-such-model", "--ready"]) == 1
     assert main(["infer", "--url", server.url, "--model", "tiny-cls"]) == 2  # nothing to send
+
+
+def test_a_stream_the_client_abandons_leaves_nothing_behind(server: ServerThread, caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+    import gc
+    import threading
+
+    done = threading.Event()
+
+    def requests() -> Iterator[pb.ModelInferRequest]:
+        request = pb.ModelInferRequest(model_name="tiny-embed", id="abandoned")
+        request.inputs.add(name="text", datatype="BYTES", shape=[1, 1]).contents.bytes_contents.append(b"hello")
+        yield request
+        done.wait(30)
+
+    with caplog.at_level("ERROR", logger="asyncio"), grpc.insecure_channel(server.url) as channel:
+        call = pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(requests(), timeout=30)
+        assert next(call).infer_response.id == "abandoned"
+        call.cancel()
+        done.set()
+        server.call(asyncio.sleep(0.3))
+        gc.collect()
+        server.call(asyncio.sleep(0.1))
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+    assert server.server._drain.in_flight == 0  # the abandoned stream is no longer counted
