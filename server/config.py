@@ -28,6 +28,8 @@ ENGINE_NAMES: tuple[str, ...] = ("auto", "onnxruntime", "openvino")
 OPENVINO_PRECISIONS: tuple[str, ...] = ("auto", "f32", "bf16")
 #: Default sequence-length bucket bounds: a request joins the smallest bucket that holds it.
 DEFAULT_LENGTH_BUCKETS: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
+#: Smallest size of one capture file: room for a few captured texts before it rotates.
+MIN_CAPTURE_FILE_BYTES = 1024
 
 
 def _default_threads() -> int:
@@ -65,8 +67,18 @@ class ServeConfig:
         max_message_bytes: largest gRPC message accepted or sent.
         grace_seconds: how long shutdown waits for accepted work.
         tls_cert, tls_key, tls_client_ca: PEM paths; cert+key enable TLS, client CA enables mTLS.
-        shadow_rate: fraction of requests also run on the artifact's unpruned reference
-            model in the background, to measure live fidelity (0 = off).
+        shadow_rate: fraction of successful requests also run on the artifact's unpruned
+            reference model (``reference.onnx``) in the background, to measure live fidelity
+            (0 = off). See ``docs/live-quality.md``.
+        shadow_queue_size: most sampled requests waiting for the shadow worker; a sample that
+            finds the queue full is dropped and counted, never queued behind serving.
+        capture_path: a JSON Lines file where the texts of shadowed items whose fidelity fell
+            under the artifact's quality floor are written as ``{"text": ...}`` lines, ready for
+            ``pruneserve optimize --data``. None (default) = off. **It stores user text.**
+        capture_max_bytes: the most bytes the capture may hold on disk, rotated files included.
+        capture_backups: rotated capture files kept (``PATH.1`` newest ... ``PATH.N``); each
+            file holds up to ``capture_max_bytes / (capture_backups + 1)`` bytes, and with 0
+            the single file starts over when full.
         tensorrt_fp16, tensorrt_int8, tensorrt_cache_dir: TensorRT provider options.
         openvino_precision: OpenVINO ``INFERENCE_PRECISION_HINT``: ``auto`` (the artifact's
             recorded choice, else ``f32``), ``f32`` (batch-invariant), or ``bf16`` (faster on
@@ -95,6 +107,10 @@ class ServeConfig:
     tls_key: str | None = None
     tls_client_ca: str | None = None
     shadow_rate: float = 0.0
+    shadow_queue_size: int = 64
+    capture_path: str | None = None
+    capture_max_bytes: int = 16 * 1024 * 1024
+    capture_backups: int = 2
     tensorrt_fp16: bool = True
     tensorrt_int8: bool = False
     tensorrt_cache_dir: str | None = None
@@ -123,6 +139,29 @@ class ServeConfig:
         _check_float("max_queue_delay_ms", self.max_queue_delay_ms, 0.0, 10_000.0)
         _check_float("grace_seconds", self.grace_seconds, 0.0, 3600.0)
         _check_float("shadow_rate", self.shadow_rate, 0.0, 1.0)
+        _check_int("shadow_queue_size", self.shadow_queue_size, 1, 100_000, "e.g. 64")
+        _check_int("capture_backups", self.capture_backups, 0, 100, "rotated capture files kept, e.g. 2")
+        _check_int("capture_max_bytes", self.capture_max_bytes, 1, 2**40, "e.g. 16777216 (16 MiB)")
+        per_file = self.capture_max_bytes // (self.capture_backups + 1)
+        if per_file < MIN_CAPTURE_FILE_BYTES:
+            raise ConfigError(
+                f"capture_max_bytes={self.capture_max_bytes} split over {self.capture_backups + 1} capture files "
+                f"leaves {per_file} bytes per file, under the {MIN_CAPTURE_FILE_BYTES}-byte minimum; raise "
+                f"capture_max_bytes to at least {MIN_CAPTURE_FILE_BYTES * (self.capture_backups + 1)} or lower capture_backups"
+            )
+        if self.capture_path is not None:
+            if not isinstance(self.capture_path, (str, os.PathLike)) or not str(self.capture_path).strip():
+                raise ConfigError(f"capture_path={self.capture_path!r} must be a file path, e.g. /var/lib/pruneserve/drift.jsonl")
+            self.capture_path = str(self.capture_path)
+            parent = Path(self.capture_path).parent
+            if not parent.is_dir():
+                raise ConfigError(
+                    f"capture_path {self.capture_path!r}: its folder {str(parent)!r} does not exist; create it or choose another path"
+                )
+            if Path(self.capture_path).is_dir():
+                raise ConfigError(f"capture_path {self.capture_path!r} is a folder; give a file path such as {self.capture_path}/drift.jsonl")
+            if self.shadow_rate == 0:
+                logger.warning("capture_path is set but shadow_rate is 0: nothing is compared, so nothing is captured")
         if self.max_sequence_length is not None:
             _check_int("max_sequence_length", self.max_sequence_length, 2, 1_000_000, "e.g. 512, or omit")
         if not self.providers:

@@ -27,6 +27,7 @@ from pruneserve.server.errors import DeadlineExceededError, ServerError, Unavail
 from pruneserve.server.metrics import UNKNOWN_MODEL, Metrics
 from pruneserve.server.repository import LoadFailure, ModelRepository
 from pruneserve.server.runtime import ModelRuntime, Prepared
+from pruneserve.server.shadow import CaptureWriter, ShadowComparator, ShadowJob, request_texts
 from pruneserve.server.statistics import StatsRecorder
 from pruneserve.server.types import (
     InferRequest,
@@ -68,13 +69,12 @@ class DataPlane:
         self._started = False
         self._stopping = False
         self._stopped = False
-        self._shadow_tasks: set[asyncio.Future[Any]] = set()
         # infer() calls past the admission check; stop() waits for them, wherever they are
         # (tokenizing, queued or executing), so no accepted request is dropped.
         self._active = 0
         self._no_active = asyncio.Event()
         self._no_active.set()
-        self._shadow_pool: ThreadPoolExecutor | None = None
+        self._shadow: ShadowComparator | None = None
         self._rng = random.Random()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -90,6 +90,7 @@ class DataPlane:
         await loop.run_in_executor(self._prep, self.repository.load_all, list(self.config.artifacts))
         for rt in self.repository.runtimes():
             self._add_batcher(rt)
+        self._start_shadow()
         self._started = True
         if not self._batchers:
             logger.error("no model could be loaded from %d artifact(s); the server is not ready", len(self.config.artifacts))
@@ -115,6 +116,8 @@ class DataPlane:
         batcher.start()
         self._batchers[key], self._stats[key] = batcher, stats
         self.metrics.set_model_ready(rt.name, rt.version, True)
+        if rt.manifest.quality_floor is not None:
+            self.metrics.set_quality_floor(rt.name, rt.version, float(rt.manifest.quality_floor))
 
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new work, finish accepted work within ``grace`` seconds, then release everything."""
@@ -133,9 +136,10 @@ class DataPlane:
             logger.warning("shutdown grace of %.1f s ran out with %d requests unfinished; failing them", grace, self._active)
         for b in batchers:
             await b.close(UnavailableError("the server shut down before this request ran; retry"))
-        for t in list(self._shadow_tasks):
-            t.cancel()
-        for pool in (self._workers, self._prep, self._shadow_pool):
+        if self._shadow is not None:
+            # Shadow samples still queued are dropped: shutdown never waits for them.
+            self._shadow.close(timeout=1.0)
+        for pool in (self._workers, self._prep):
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
         self.repository.close()
@@ -268,7 +272,7 @@ class DataPlane:
             raw = await self._wait(future, deadline)
             response = InferResponse(model, version, rt.make_outputs(prepared, raw), id=request.id)
             outcome = "success"
-            self._maybe_shadow(rt, prepared, raw)
+            self._maybe_shadow(rt, request, prepared, raw)
             return response
         except ServerError as exc:
             outcome = exc.reason
@@ -320,32 +324,49 @@ class DataPlane:
             ) from None
 
     # -- shadow traffic --------------------------------------------------------------------
-    def _maybe_shadow(self, rt: ModelRuntime, prepared: Prepared, raw: dict[str, np.ndarray]) -> None:
-        """Re-run a sample of requests on the artifact's unpruned reference model, off the hot path."""
-        if self.config.shadow_rate <= 0 or rt.reference is None or self._rng.random() >= self.config.shadow_rate:
+    def _start_shadow(self) -> None:
+        """Start the live-fidelity comparator when sampling is on and some model has a reference."""
+        if self.config.shadow_rate <= 0:
             return
-        if self._shadow_pool is None:
-            self._shadow_pool = ThreadPoolExecutor(1, thread_name_prefix="pruneserve-shadow")
-        if len(self._shadow_tasks) >= 4:  # never let shadow work queue up behind real work
-            self.metrics.shadow_requests.labels(rt.name, rt.version, "dropped").inc()
+        shadowed = [f"{rt.name}:{rt.version}" for rt in self.repository.runtimes() if rt.reference is not None]
+        if not shadowed:
+            logger.warning("shadow_rate is %g but no loaded model has a reference model; live fidelity is off", self.config.shadow_rate)
             return
-        loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self._shadow_pool, rt.shadow_cosines, prepared, raw)
-        self._shadow_tasks.add(fut)
+        capture = None
+        if self.config.capture_path:
+            capture = CaptureWriter(self.config.capture_path, self.config.capture_max_bytes, self.config.capture_backups)
+            logger.warning(
+                "capturing the texts of requests under the quality floor to %s (user text; at most %d bytes on disk)",
+                self.config.capture_path, self.config.capture_max_bytes,
+            )
+        self._shadow = ShadowComparator(self.metrics, self.config.shadow_queue_size, capture)
+        self._shadow.start()
+        logger.info(
+            "live fidelity: %.4g of requests to %s compared with the reference (queue %d)",
+            self.config.shadow_rate, ", ".join(shadowed), self.config.shadow_queue_size,
+        )
 
-        def done(f: asyncio.Future[Any]) -> None:
-            self._shadow_tasks.discard(f)
-            if f.cancelled():
-                return
-            if f.exception() is not None:
-                logger.warning("shadow comparison for %s failed: %s", rt.name, f.exception())
-                self.metrics.shadow_requests.labels(rt.name, rt.version, "failed").inc()
-                return
-            for c in f.result():
-                self.metrics.shadow_cosine.labels(rt.name, rt.version).observe(float(c))
-            self.metrics.shadow_requests.labels(rt.name, rt.version, "done").inc()
+    @property
+    def shadow(self) -> ShadowComparator | None:
+        """The live-fidelity comparator, when shadowing is on (for introspection and tests)."""
+        return self._shadow
 
-        fut.add_done_callback(done)
+    def _maybe_shadow(self, rt: ModelRuntime, request: InferRequest, prepared: Prepared, raw: dict[str, np.ndarray]) -> None:
+        """Hand a sample of answered requests to the comparator; O(1) and never blocking.
+
+        The comparison itself runs later on the comparator's low-priority thread; a full
+        queue drops the sample (counted) instead of slowing this request or the next ones.
+        """
+        shadow = self._shadow
+        if shadow is None or rt.reference is None:
+            return
+        if self.config.shadow_rate < 1.0 and self._rng.random() >= self.config.shadow_rate:
+            return
+        served = raw.get(rt.primary_output)
+        if served is None:  # the client asked only for outputs the comparison does not use
+            return
+        texts = request_texts(request) if shadow.capturing else None
+        shadow.submit(ShadowJob(rt, prepared, served, texts))
 
 
 __all__ = ["DataPlane", "EXTENSIONS", "PLATFORM"]

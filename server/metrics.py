@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -36,8 +36,13 @@ DURATION_BUCKETS: tuple[float, ...] = (
 )  # fmt: skip
 #: Batch sizes (items per execution): powers of two up to the largest sensible max_batch_size.
 BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-#: Cosine similarity between served and reference outputs (shadow traffic).
-COSINE_BUCKETS: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 0.9999, 1.0)
+#: Live fidelity (cosine, or 0/1 agreement): fine steps where quality floors sit (0.9-1.0),
+#: coarse below; values under 0.5 (or a disagreement, 0) land in the first bucket.
+FIDELITY_BUCKETS: tuple[float, ...] = (
+    0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0,
+)  # fmt: skip
+#: Largest absolute logit difference between served and reference classifier outputs.
+LOGIT_DISTANCE_BUCKETS: tuple[float, ...] = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 _MV = ("model", "version")
 
@@ -143,18 +148,49 @@ class Metrics:
             ("reason",),
             registry=r,
         )
-        self.shadow_cosine = Histogram(
-            "pruneserve_shadow_cosine",
-            "Cosine similarity between the served output and the unpruned reference model's "
-            "output, for the sampled shadow requests.",
+        # Live quality (server/shadow.py): the served model against its unpruned reference on
+        # sampled real requests. Alerts compare the fidelity's mean with the quality floor.
+        self.live_fidelity = Histogram(
+            "pruneserve_live_fidelity",
+            "Per-item fidelity of sampled requests against the unpruned reference model: cosine "
+            "similarity for embedding models, label agreement (1 or 0) for classifiers.",
             _MV,
-            buckets=COSINE_BUCKETS,
+            buckets=FIDELITY_BUCKETS,
             registry=r,
         )
-        self.shadow_requests = Counter(
-            "pruneserve_shadow_requests",
-            "Requests re-run on the reference model for live fidelity, by outcome (done, dropped, failed).",
+        self.shadow_comparisons = Counter(
+            "pruneserve_shadow_comparisons",
+            "Sampled requests for live fidelity by outcome: compared, dropped (shadow queue full "
+            "or shutting down) or failed (the reference run raised).",
             (*_MV, "outcome"),
+            registry=r,
+        )
+        self.quality_floor = Gauge(
+            "pruneserve_quality_floor",
+            "The quality floor the artifact's manifest promises (mean cosine to the original for "
+            "embedding models, 1 - accuracy drop for classifiers).",
+            _MV,
+            registry=r,
+        )
+        self.live_label_agreement = Counter(
+            "pruneserve_live_label_agreement",
+            "Classifier items compared with the reference, by whether the served label equals "
+            "the reference's (agreed=true|false).",
+            (*_MV, "agreed"),
+            registry=r,
+        )
+        self.live_logit_distance = Histogram(
+            "pruneserve_live_logit_distance",
+            "Classifiers: largest absolute difference between the served and the reference "
+            "logits of one item.",
+            _MV,
+            buckets=LOGIT_DISTANCE_BUCKETS,
+            registry=r,
+        )
+        self.shadow_captures = Counter(
+            "pruneserve_shadow_captures",
+            "Texts written to the capture file (items whose live fidelity fell under the floor).",
+            _MV,
             registry=r,
         )
 
@@ -198,6 +234,34 @@ class Metrics:
         """Count a session that got ``actual`` although ``requested`` was preferred."""
         self.provider_fallback.labels(model, version, requested, actual).inc()
 
+    def set_quality_floor(self, model: str, version: str, floor: float) -> None:
+        """Publish the quality floor of a loaded model version (from its manifest)."""
+        self.quality_floor.labels(model, version).set(floor)
+
+    def count_shadow(self, model: str, version: str, outcome: str) -> None:
+        """Count one sampled request: ``compared``, ``dropped`` or ``failed``."""
+        self.shadow_comparisons.labels(model, version, outcome).inc()
+
+    def observe_fidelity(self, model: str, version: str, values: Sequence[float]) -> None:
+        """Record the live fidelity of each compared item."""
+        hist = self.live_fidelity.labels(model, version)
+        for v in values:
+            hist.observe(float(v))
+
+    def observe_labels(self, model: str, version: str, agreed: Sequence[bool], distances: Sequence[float]) -> None:
+        """Record a classifier comparison: per-item label agreement and largest logit difference."""
+        if n_agreed := sum(1 for a in agreed if a):
+            self.live_label_agreement.labels(model, version, "true").inc(n_agreed)
+        if n_disagreed := len(agreed) - n_agreed:
+            self.live_label_agreement.labels(model, version, "false").inc(n_disagreed)
+        hist = self.live_logit_distance.labels(model, version)
+        for d in distances:
+            hist.observe(float(d))
+
+    def count_captures(self, model: str, version: str, count: int) -> None:
+        """Count texts written to the capture file."""
+        self.shadow_captures.labels(model, version).inc(count)
+
     def record_load_failure(self, reason: str) -> None:
         """Count an artifact refused at load time (``reason``: integrity, schema, manifest, engine...)."""
         self.model_load_failures.labels(reason).inc()
@@ -216,4 +280,4 @@ def start_http_server(
     return server, thread
 
 
-__all__ = ["DURATION_BUCKETS", "UNKNOWN_MODEL", "Metrics", "start_http_server"]
+__all__ = ["DURATION_BUCKETS", "FIDELITY_BUCKETS", "LOGIT_DISTANCE_BUCKETS", "UNKNOWN_MODEL", "Metrics", "start_http_server"]

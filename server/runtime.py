@@ -559,9 +559,16 @@ class ModelRuntime:
         rt = cls(m.name, str(m.version), artifact, engine, processor, max_len)
         rt.info = rt._describe(engine)
         if config.shadow_rate > 0 and artifact.reference_path is not None:
-            # CPU only: shadow traffic measures fidelity and must not compete for the accelerator.
+            # CPU, one intra-op thread: ORT then computes on the calling thread (the shadow
+            # worker, which runs at low priority) and never competes for the accelerator.
             ref_options = dataclasses.replace(EngineOptions.from_config(config, max_len), providers=("cpu",), threads=1)
             rt.reference = OnnxRuntimeEngine(artifact.reference_path, ref_options, m.inputs)
+        elif config.shadow_rate > 0:
+            logger.warning(
+                "model %s version %s has no reference model (manifest.reference_file); its live fidelity is not "
+                "measured. Re-run `pruneserve optimize --with-reference` to ship one",
+                m.name, m.version,
+            )
         return rt
 
     # -- description -----------------------------------------------------------------------
@@ -774,20 +781,22 @@ class ModelRuntime:
                     f"but the manifest declares [batch, {', '.join(map(str, dims))}]; rebuild the artifact"
                 )
 
-    def shadow_cosines(self, prepared: Prepared, raw: Mapping[str, np.ndarray]) -> list[float]:
-        """Cosine between each served row and the reference model's row for the same input.
+    @property
+    def primary_output(self) -> str:
+        """The graph output live fidelity compares: ``embedding`` or ``logits``."""
+        return self.manifest.output_names[0]
 
-        Runs the reference graph on the request alone (reference thread, off the hot path).
+    def run_reference(self, prepared: Prepared) -> np.ndarray:
+        """The unpruned reference model's primary output for one request's rows.
+
+        Runs the request alone (no batch-mates), on the caller's thread: the shadow worker's,
+        never a serving thread. Raises :class:`RuntimeError` when no reference is loaded.
         """
         if self.reference is None:
-            return []
-        name = self.manifest.output_names[0]
+            raise RuntimeError(f"model {self.name} version {self.version} has no reference model loaded")
+        name = self.primary_output
         feeds = assemble_feeds([prepared.encoded], self.processor.pad_id, self.manifest.inputs)
-        ref = self.reference.run(feeds, [name])[name].astype(np.float64)
-        got = np.asarray(raw[name], dtype=np.float64).reshape(ref.shape)
-        num = (ref * got).sum(axis=-1)
-        den = np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1)
-        return [float(c) for c in num / np.maximum(den, 1e-12)]
+        return self.reference.run(feeds, [name])[name]
 
     def close(self) -> None:
         """Release the engines."""

@@ -110,7 +110,7 @@ def test_shadow_traffic_measures_fidelity_against_reference(artifact_factory, ru
     async def scenario(dp: DataPlane) -> None:
         await dp.infer(text_request("shadowed", texts))
         for _ in range(2000):  # the comparison runs in the background
-            if metrics.registry.get_sample_value("pruneserve_shadow_requests_total", {"model": "shadowed", "version": "1", "outcome": "done"}):
+            if metrics.registry.get_sample_value("pruneserve_shadow_comparisons_total", {"model": "shadowed", "version": "1", "outcome": "compared"}):
                 return
             await asyncio.sleep(0.005)
         raise AssertionError("shadow comparison never finished")
@@ -121,8 +121,8 @@ def test_shadow_traffic_measures_fidelity_against_reference(artifact_factory, ru
     ref = reference_forward(path / "reference.onnx", ids, mask, types)
     cos = (served * ref).sum(1) / (np.linalg.norm(served, axis=1) * np.linalg.norm(ref, axis=1))
     labels = {"model": "shadowed", "version": "1"}
-    assert metrics.registry.get_sample_value("pruneserve_shadow_cosine_count", labels) == len(texts)
-    assert metrics.registry.get_sample_value("pruneserve_shadow_cosine_sum", labels) == pytest.approx(cos.sum(), abs=1e-4)
+    assert metrics.registry.get_sample_value("pruneserve_live_fidelity_count", labels) == len(texts)
+    assert metrics.registry.get_sample_value("pruneserve_live_fidelity_sum", labels) == pytest.approx(cos.sum(), abs=1e-4)
 
 
 def test_shadow_is_off_by_default(artifact_factory, run_dataplane) -> None:
@@ -134,4 +134,4 @@ def test_shadow_is_off_by_default(artifact_factory, run_dataplane) -> None:
         await dp.infer(text_request("shadowed", ["hello"]))
 
     run_dataplane(ServeConfig(artifacts=[str(path)], threads=1), scenario, metrics)
-    assert metrics.registry.get_sample_value("pruneserve_shadow_cosine_count", {"model": "shadowed", "version": "1"}) is None
+    assert metrics.registry.get_sample_value("pruneserve_live_fidelity_count", {"model": "shadowed", "version": "1"}) is None

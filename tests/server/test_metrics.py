@@ -30,8 +30,12 @@ EXPECTED_FAMILIES = {
     "pruneserve_model_ready": "gauge",
     "pruneserve_provider_fallback": "counter",
     "pruneserve_model_load_failures": "counter",
-    "pruneserve_shadow_cosine": "histogram",
-    "pruneserve_shadow_requests": "counter",
+    "pruneserve_live_fidelity": "histogram",
+    "pruneserve_shadow_comparisons": "counter",
+    "pruneserve_quality_floor": "gauge",
+    "pruneserve_live_label_agreement": "counter",
+    "pruneserve_live_logit_distance": "histogram",
+    "pruneserve_shadow_captures": "counter",
 }
 
 
