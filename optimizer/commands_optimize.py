@@ -1,9 +1,149 @@
-"""Subcommands (being written)."""
+"""``pruneserve optimize``: prune, recover, export, fuse, quantize, validate, write an artifact.
+
+Flags map one-to-one onto :class:`~pruneserve.optimizer.pipeline.OptimizeConfig` fields and
+are applied in this order: ``--preset``, then ``--config optimize.yaml`` (the same format the
+artifact's ``optimize.yaml`` is written in, so a past run can be repeated), then the flags.
+torch is imported only inside the handler. A user error prints the
+:class:`~pruneserve.optimizer.errors.OptimizerError` message, writes nothing at ``--out`` and
+exits 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from pruneserve.artifact import ArtifactError
+from pruneserve.optimizer.commands_prune import (
+    EXIT_USER_ERROR,
+    _flag_overrides,
+    _importance_flags,
+    _model_and_data,
+    _read_yaml,
+)
+from pruneserve.optimizer.config import PRESETS
+from pruneserve.optimizer.errors import OptimizerError
+
+_HELP = """\
+Make a model cheap to serve and write a verified artifact for `pruneserve serve`:
+score and prune attention heads / FFN neurons, recover quality (least-squares refit,
+distillation), export to ONNX, fuse with ONNX Runtime's transformer optimizer, quantize
+for the target, validate against the original model, and write model.onnx, tokenizer.json,
+manifest.json (sha256 of every file), report.md with figures, optimize.yaml and pruning.json.
+
+Defaults: the bundled all-MiniLM-L6-v2, the bundled English corpus, the "default" preset
+(50%% of heads, refit + distillation), dynamic per-channel INT8 for --target cpu, and a
+quality floor of 0.95 mean cosine to the original model.
+
+Quantization per target (--quantize auto): cpu -> dynamic INT8 (fused graph; not
+batch-invariant), tensorrt -> static S8S8 QDQ calibrated on --data (batch-invariant),
+cuda -> fp16 with normalisations and Softmax kept in fp32.
+
+Quality holds on text like the calibration data: pass --data with a sample of your traffic.
+
+examples:
+  pruneserve optimize --out artifacts/minilm
+  pruneserve optimize --model ./my-model --data traffic.jsonl --quality-floor 0.97 --out artifacts/mine
+  pruneserve optimize --preset light --quantize none --with-reference --out artifacts/light
+  pruneserve optimize --config artifacts/minilm/optimize.yaml --out artifacts/again
+"""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add this module's subcommands."""
+    """Add ``optimize`` to the top-level parser."""
+    parser = subparsers.add_parser(
+        "optimize", help="prune, fuse, quantize and validate a model into a servable artifact",
+        description=_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _model_and_data(parser)
+    parser.add_argument("--preset", choices=PRESETS,
+                        help="pruning starting point: light (25%% heads), default (50%% heads, refit + "
+                             "distillation), aggressive (50%% heads + 25%% FFN); default: default")
+    parser.add_argument("--config", type=Path, metavar="FILE.yaml",
+                        help="an optimize.yaml (e.g. from a previous artifact); flags override it")
+    budget = parser.add_argument_group("budget (what to remove)")
+    budget.add_argument("--heads", type=float, dest="head_fraction", metavar="F",
+                        help="fraction of all attention heads to remove, e.g. 0.5")
+    budget.add_argument("--ffn", type=float, dest="ffn_fraction", metavar="F",
+                        help="fraction of all FFN neurons to remove, e.g. 0.25")
+    budget.add_argument("--quality-floor", type=float, dest="quality_floor", metavar="Q",
+                        help="remove as much compute as keeps quality >= Q on held-out data, and hold the "
+                             "final artifact to Q (default floor for the artifact: 0.95)")
+    _importance_flags(parser)
+    stages = parser.add_argument_group("export, quantization and validation")
+    stages.add_argument("--quantize", choices=("auto", "dynamic", "static", "fp16", "none"),
+                        help="auto (default) picks by --target: cpu dynamic, tensorrt static, cuda fp16")
+    stages.add_argument("--target", choices=("cpu", "cuda", "tensorrt"),
+                        help="where the artifact will run (default: cpu)")
+    stages.add_argument("--calibration-size", type=int, dest="calibration_size", metavar="N",
+                        help="texts used to calibrate static INT8 (default 256)")
+    stages.add_argument("--opset", type=int, help="ONNX opset (default 17)")
+    stages.add_argument("--no-baselines", action="store_false", dest="baselines", default=None,
+                        help="skip timing the original model (faster; the report then shows no speed-up)")
+    parser.add_argument("--name", help="model name in the artifact (default: from the model folder)")
+    parser.add_argument("--with-reference", action="store_true", default=None, dest="with_reference",
+                        help="also ship the unpruned fp32 graph as reference.onnx (for shadow comparison)")
+    parser.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --out")
+    parser.add_argument("--out", required=True, type=Path, help="artifact directory to create")
+    parser.set_defaults(func=run_optimize_command)
+
+
+def _top_level_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """``OptimizeConfig`` overrides from the flags the user gave (``None`` = not given)."""
+    raw: dict[str, Any] = {"out": str(args.out)}
+    for key in ("model", "name", "preset", "target", "with_reference", "overwrite"):
+        value = getattr(args, key, None)
+        if value is not None:
+            raw[key] = str(value) if key == "model" else value
+    if args.quality_floor is not None:
+        raw["quality_floor"] = args.quality_floor
+    sections = {
+        "quantize": {"mode": args.quantize, "calibration_size": args.calibration_size},
+        "export": {"opset": args.opset},
+        "validate": {"baselines": args.baselines},
+    }
+    for name, values in sections.items():
+        given = {k: v for k, v in values.items() if v is not None}
+        if given:
+            raw[name] = given
+    return raw
+
+
+def build_optimize_config(args: argparse.Namespace) -> Any:
+    """Preset, then ``--config``, then flags; returns a validated ``OptimizeConfig``."""
+    from pruneserve.optimizer.pipeline import OptimizeConfig
+
+    raw: dict[str, Any] = _read_yaml(args.config) if args.config is not None else {}
+    flags = _top_level_flags(args)
+    # A preset on the command line restarts pruning from that preset: drop the file's prune section.
+    if args.preset is not None and args.preset != raw.get("preset"):
+        raw.pop("prune", None)
+    prune = dict(raw.get("prune") or {})
+    for section, values in _flag_overrides(args).items():
+        prune[section] = {**(prune.get(section) or {}), **values}
+    for name in ("quantize", "export", "validate"):
+        if name in flags:
+            flags[name] = {**(raw.get(name) or {}), **flags[name]}
+    merged = {**raw, **flags}
+    if prune:
+        merged["prune"] = prune
+    return OptimizeConfig.from_dict(merged)
+
+
+def run_optimize_command(args: argparse.Namespace) -> int:
+    """Handler of ``pruneserve optimize``."""
+    try:
+        config = build_optimize_config(args)
+        from pruneserve.optimizer.pipeline import run_optimize
+        from pruneserve.optimizer.report import summary_lines
+
+        result = run_optimize(config, progress=not args.no_progress)
+    except (OptimizerError, ArtifactError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    for line in summary_lines(result.artifact.manifest):
+        print(line)
+    print(f"wrote {result.artifact.path} in {result.seconds:.0f} s (see report.md)")
+    return 0

@@ -1,0 +1,334 @@
+"""Validation: prove the artifact is a faithful, working, faster copy of the original model.
+
+Checks, each able to fail the run:
+
+* the ONNX checker accepts every graph we ship;
+* the fp32 export matches the pruned PyTorch model within ``parity_atol`` (the export is
+  exact; any larger difference is a bug, not quantization noise);
+* quality against the ORIGINAL model on the held-out evaluation split, for every stage
+  (pruned, recovered, fused, quantized), measured the same way (:mod:`quality`);
+  the final quality must meet the floor or :class:`ValidationError` is raised.
+
+And measurements for the report and the manifest:
+
+* latency medians at the configured shapes (default batch 1 x 32 tokens and 32 x 128) with
+  warm-up, on an ONNX Runtime session whose intra-op threads do not spin (a spinning session
+  steals cores from the next one measured in the same process);
+* the execution providers ONNX Runtime actually used: asking for CUDA where it is missing
+  silently falls back to the CPU, so the fallback is recorded and warned about.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+
+from pruneserve.optimizer.errors import ConfigError, ValidationError
+from pruneserve.optimizer.quality import Quality
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+    import torch
+
+    from pruneserve.optimizer.data import Batch
+    from pruneserve.optimizer.modeling import Encoder
+
+logger = logging.getLogger(__name__)
+
+#: Execution providers requested per target, best first; ORT falls back along the list.
+TARGET_PROVIDERS: dict[str, tuple[str, ...]] = {
+    "cpu": ("CPUExecutionProvider",),
+    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+}
+TARGETS: tuple[str, ...] = tuple(TARGET_PROVIDERS)
+
+
+@dataclass
+class ValidateConfig:
+    """What validation checks and measures.
+
+    Attributes:
+        parity_atol: largest max-abs difference accepted between the fp32 ONNX export and
+            the pruned PyTorch model.
+        latency_shapes: ``[batch, sequence]`` pairs timed on the final artifact.
+        warmup: untimed runs per shape before timing.
+        repeats: timed runs per shape (the median is reported).
+        threads: intra-op threads for the timed sessions (0 = ONNX Runtime's default, all cores).
+        baselines: also time the original model in PyTorch and the unpruned graph through
+            the same fusion and quantization, so the report can state the speed-up.
+    """
+
+    parity_atol: float = 1e-4
+    latency_shapes: list[list[int]] = field(default_factory=lambda: [[1, 32], [32, 128]])
+    warmup: int = 3
+    repeats: int = 10
+    threads: int = 0
+    baselines: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.parity_atol > 0:
+            raise ConfigError(f"validate.parity_atol={self.parity_atol!r} must be > 0 (1e-4 is the contract)")
+        self.latency_shapes = [list(s) for s in self.latency_shapes]
+        for shape in self.latency_shapes:
+            if len(shape) != 2 or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
+                raise ConfigError(
+                    f"validate.latency_shapes entry {shape!r} must be [batch, sequence] positive integers, e.g. [1, 32]"
+                )
+        for name, low in (("warmup", 0), ("repeats", 1), ("threads", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"validate.{name}={value!r} must be an integer >= {low}")
+
+
+@dataclass
+class Latency:
+    """Median milliseconds per shape key (``b1x32``) for one model on one runtime."""
+
+    runtime: str
+    provider: str
+    median_ms: dict[str, float]
+    runs: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def shape_key(batch: int, sequence: int) -> str:
+    """The label used for a latency shape in manifests and reports, e.g. ``b32x128``."""
+    return f"b{batch}x{sequence}"
+
+
+# -- sessions ------------------------------------------------------------------------------
+
+
+def make_session(
+    path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0
+) -> ort.InferenceSession:
+    """An ONNX Runtime session without intra-op spinning, on the first available of ``providers``."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    available = set(ort.get_available_providers())
+    requested = [p for p in providers if p in available] or ["CPUExecutionProvider"]
+    return ort.InferenceSession(str(path), options, providers=requested)
+
+
+def providers_used(
+    path: str | Path, target: str, threads: int = 0
+) -> tuple[list[str], list[str], str | None]:
+    """(requested, actually used, warning or None) for ``target`` on this machine."""
+    requested = list(TARGET_PROVIDERS[target])
+    session = make_session(path, requested, threads)
+    used = list(session.get_providers())
+    warning = None
+    if used[0] != requested[0]:
+        warning = (
+            f"target {target!r} asks for {requested[0]}, but ONNX Runtime on this machine runs the model "
+            f"on {used[0]} (available: {used}); latency and quality here are CPU figures. Install "
+            "onnxruntime-gpu with a matching CUDA/TensorRT to measure on the target"
+        )
+        logger.warning("validate: %s", warning)
+    return requested, used, warning
+
+
+def _feeds(session: ort.InferenceSession, batch: Batch) -> dict[str, np.ndarray]:
+    return {i.name: batch.inputs[i.name].numpy().astype(np.int64) for i in session.get_inputs()}
+
+
+def onnx_outputs(path: str | Path, batches: Sequence[Batch], threads: int = 0) -> list[np.ndarray]:
+    """The graph's first output on each batch (CPU provider)."""
+    session = make_session(path, threads=threads)
+    return [session.run(None, _feeds(session, b))[0] for b in batches]
+
+
+# -- checks --------------------------------------------------------------------------------
+
+
+def check_graph(path: str | Path) -> None:
+    """Run the ONNX checker on ``path`` (by path, so large models with external data work)."""
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as exc:
+        raise ValidationError(f"{Path(path).name} fails the ONNX checker: {exc}") from None
+
+
+def compare_outputs(
+    task: str, outputs: Sequence[np.ndarray], teacher: Sequence[torch.Tensor], batches: Sequence[Batch]
+) -> Quality:
+    """Quality of ``outputs`` against the original model's ``teacher`` outputs, as :mod:`quality` defines it."""
+    if len(outputs) != len(teacher) or len(outputs) != len(batches):
+        raise ValueError(f"{len(outputs)} outputs, {len(teacher)} teacher outputs and {len(batches)} batches")
+    if task == "classification":
+        correct = teacher_correct = agree = total = 0
+        for out, ref, batch in zip(outputs, teacher, batches):
+            pred, teacher_pred = out.argmax(-1), ref.numpy().argmax(-1)
+            labels = batch.labels.numpy() if batch.labels is not None else teacher_pred
+            correct += int((pred == labels).sum())
+            teacher_correct += int((teacher_pred == labels).sum())
+            agree += int((pred == teacher_pred).sum())
+            total += int(pred.size)
+        return Quality(task, total, accuracy=correct / total, teacher_accuracy=teacher_correct / total,
+                       agreement=agree / total)
+    cosines = []
+    for out, ref in zip(outputs, teacher):
+        a, b = out.astype(np.float64), ref.numpy().astype(np.float64)
+        denom = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+        cosines.append((a * b).sum(axis=1) / denom)
+    cos = np.concatenate(cosines)
+    if not np.isfinite(cos).all():
+        # NaN compares false with every floor; make a broken graph fail loudly instead.
+        return Quality(task, int(cos.size), mean_cosine=float("-inf"), min_cosine=float("-inf"))
+    return Quality(task, int(cos.size), mean_cosine=float(cos.mean()), min_cosine=float(cos.min()))
+
+
+def onnx_quality(
+    path: str | Path, task: str, teacher: Sequence[torch.Tensor], batches: Sequence[Batch], threads: int = 0
+) -> Quality:
+    """Quality of the graph at ``path`` against the original model on ``batches``."""
+    return compare_outputs(task, onnx_outputs(path, batches, threads), teacher, batches)
+
+
+def check_parity(encoder: Encoder, path: str | Path, batches: Sequence[Batch], atol: float) -> float:
+    """Max abs difference between the fp32 graph and ``encoder``; :class:`ValidationError` above ``atol``."""
+    from pruneserve.optimizer.errors import ExportError
+    from pruneserve.optimizer.export import check_parity as export_parity
+
+    try:
+        return export_parity(encoder, path, [b.inputs for b in batches], atol=atol)
+    except ExportError as exc:
+        raise ValidationError(
+            f"the fp32 ONNX graph does not match the pruned PyTorch model on the evaluation data: {exc}. "
+            "This is an export bug: report it with the model folder"
+        ) from None
+
+
+def require_floor(quality: Quality, floor: float | None, stage: str, data_source: str) -> None:
+    """Raise :class:`ValidationError` when ``quality`` misses ``floor``."""
+    if floor is not None and not quality.score >= floor:
+        raise ValidationError(
+            f"{stage} quality {quality.score:.4f} ({quality.describe()}) on {quality.examples} held-out "
+            f"examples from {data_source} is under the quality floor {floor:.4f}; prune less "
+            "(--preset light or a smaller --heads), quantize less (--quantize none), or lower --quality-floor"
+        )
+
+
+# -- latency -------------------------------------------------------------------------------
+
+
+def _synthetic_inputs(names: Sequence[str], batch: int, sequence: int, vocab: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    feeds = {
+        "input_ids": rng.integers(5, max(vocab, 6), size=(batch, sequence), dtype=np.int64),
+        "attention_mask": np.ones((batch, sequence), dtype=np.int64),
+        "token_type_ids": np.zeros((batch, sequence), dtype=np.int64),
+    }
+    return {n: feeds[n] for n in names}
+
+
+def _median_ms(run: Callable[[], object], warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - started) * 1000.0)
+    return round(statistics.median(times), 3)
+
+
+def onnx_latency(
+    path: str | Path, config: ValidateConfig, vocab_size: int, providers: Sequence[str] = ("CPUExecutionProvider",),
+    runtime: str = "onnxruntime",
+) -> Latency:
+    """Median latency of the graph at each of ``config.latency_shapes``."""
+    session = make_session(path, providers, config.threads)
+    names = [i.name for i in session.get_inputs()]
+    medians = {}
+    for batch, seq in config.latency_shapes:
+        feeds = _synthetic_inputs(names, batch, seq, vocab_size)
+        medians[shape_key(batch, seq)] = _median_ms(lambda: session.run(None, feeds), config.warmup, config.repeats)
+    return Latency(runtime, session.get_providers()[0], medians, config.repeats)
+
+
+def torch_latency(encoder: Encoder, config: ValidateConfig, runtime: str = "pytorch fp32") -> Latency:
+    """Median latency of a PyTorch encoder (eval, no grad) at each of ``config.latency_shapes``."""
+    import torch
+
+    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if encoder.uses_token_type_ids else [])
+    medians = {}
+    encoder.eval()
+    with torch.inference_mode():
+        for batch, seq in config.latency_shapes:
+            feeds = {k: torch.from_numpy(v) for k, v in
+                     _synthetic_inputs(names, batch, seq, encoder.spec.vocab_size).items()}
+            medians[shape_key(batch, seq)] = _median_ms(lambda: encoder(**feeds), config.warmup, config.repeats)
+    return Latency(runtime, "torch-cpu", medians, config.repeats)
+
+
+# -- the stage -----------------------------------------------------------------------------
+
+
+@dataclass
+class ValidationReport:
+    """Everything validation checked and measured (the manifest's quality and latency blocks)."""
+
+    parity_max_abs_diff: float
+    quality: dict[str, Quality]
+    quality_data: str
+    quality_examples: int
+    quality_floor: float | None
+    latency: dict[str, Latency]
+    providers_requested: list[str]
+    providers_used: list[str]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def final_quality(self) -> Quality:
+        """Quality of the artifact's graph (the last stage measured)."""
+        return list(self.quality.values())[-1]
+
+    def quality_block(self) -> dict[str, Any]:
+        """The manifest's ``quality`` block."""
+        return {
+            "metric": "mean cosine to the original model" if self.final_quality.task == "embedding"
+            else "1 - accuracy drop vs the original model",
+            "data": self.quality_data,
+            "evaluated_on": f"{self.quality_examples} held-out examples (not used for scoring, recovery "
+            "or calibration)",
+            "stages": {k: v.to_dict() for k, v in self.quality.items()},
+            "final": self.final_quality.to_dict(),
+            "parity_max_abs_diff": self.parity_max_abs_diff,
+        }
+
+    def latency_block(self) -> dict[str, Any]:
+        """The manifest's ``latency`` block: medians per runtime and shape, in milliseconds."""
+        return {k: v.to_dict() for k, v in self.latency.items()}
+
+
+def speedups(latency: Mapping[str, Latency], final: str = "artifact") -> dict[str, dict[str, float]]:
+    """For each baseline, ``baseline_ms / artifact_ms`` per shape."""
+    if final not in latency:
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    for name, lat in latency.items():
+        if name == final:
+            continue
+        out[name] = {
+            k: round(lat.median_ms[k] / v, 2) for k, v in latency[final].median_ms.items()
+            if k in lat.median_ms and v > 0
+        }
+    return out
