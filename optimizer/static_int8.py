@@ -1,0 +1,623 @@
+"""Calibrated static INT8 whose answers do not depend on batch composition.
+
+Why static: ONNX Runtime's dynamic INT8 computes each activation's scale over the whole padded
+batch at run time, so a text's embedding changes with its batch-mates (measured on MiniLM:
+3e-2 max abs difference). Static INT8 fixes every activation scale at calibration time from
+the user's own texts; a request's answer is then the same alone or batched, up to float
+rounding of the non-quantized parts.
+
+Two producers of the same artifact form (ONNX QDQ: ``QuantizeLinear``/``DequantizeLinear``
+pairs around the ``MatMul`` nodes of the **unfused** graph) are compared and the first that
+meets the quality floor is kept:
+
+``nncf``
+    NNCF's ONNX backend (``nncf.quantize`` with ``ModelType.TRANSFORMER``): SmoothQuant
+    migrates activation outliers into the weights before the ranges are taken, and fast
+    bias correction re-centres each quantized layer's output. The ``performance`` preset
+    gives symmetric INT8 activations and per-channel symmetric INT8 weights (all zero-points
+    0, signed), i.e. S8S8 QDQ that TensorRT accepts as is; ``mixed`` gives asymmetric
+    activations (better on some models, not loadable as explicit-quantization by TensorRT).
+``ort``
+    ONNX Runtime's ``quantize_static`` (QDQ, per-channel symmetric S8S8, weight x activation
+    ``MatMul`` only, calibration ``minmax``/``percentile``/``entropy``), then, if the floor is
+    missed, the most sensitive nodes (measured: quality with only that node quantized) are
+    kept in float, doubling the count until the floor is met.
+
+Graph form matters per runtime: ONNX Runtime's CPU provider folds QDQ around plain ``MatMul``
+into INT8 kernels, but on a graph already fused into ``Attention``/``SkipLayerNormalization``
+contrib ops the QDQ pairs have no INT8 kernel to fold into and run as float; OpenVINO reads
+ONNX QDQ directly and runs INT8 convolutions/matmuls from it. Both therefore take the
+quantized **unfused** export, never the fused graph.
+
+Entry point: :func:`quantize_static_int8`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from pruneserve.optimizer.errors import ConfigError, QuantizationError
+
+logger = logging.getLogger(__name__)
+
+Feeds = Mapping[str, np.ndarray]
+#: Runs a graph's first output on named feeds.
+Runner = Callable[[Feeds], np.ndarray]
+
+METHODS: tuple[str, ...] = ("auto", "nncf", "ort")
+NNCF_PRESETS: tuple[str, ...] = ("performance", "mixed")
+ORT_CALIBRATIONS: tuple[str, ...] = ("minmax", "percentile", "entropy")
+#: Default largest answer change allowed between a text alone and batched with others.
+#: Static INT8 keeps answers fixed up to float rounding in the non-quantized ops, which can
+#: flip one rounding step of a quantizer: far below dynamic INT8's ~3e-2.
+DEFAULT_INVARIANCE_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class StaticInt8Config:
+    """How :func:`quantize_static_int8` searches.
+
+    Attributes:
+        method: ``auto`` (NNCF first, then ONNX Runtime), ``nncf`` or ``ort``.
+        nncf_presets: NNCF presets to try in order (``performance`` = S8S8 symmetric, TensorRT-ready).
+        smooth_quant_alpha: SmoothQuant migration strength for ``MatMul`` (NNCF); None = off.
+        fast_bias_correction: NNCF's bias correction after quantizing.
+        ort_calibrations: ONNX Runtime calibration methods to try in order.
+        max_excluded: most ``MatMul`` nodes the ORT path may keep in float.
+        invariance_tolerance: largest alone-vs-batched max abs difference accepted.
+        threads: intra-op threads of the measuring sessions.
+    """
+
+    method: str = "auto"
+    nncf_presets: tuple[str, ...] = ("performance",)
+    smooth_quant_alpha: float | None = 0.95
+    fast_bias_correction: bool = True
+    ort_calibrations: tuple[str, ...] = ("minmax", "percentile")
+    max_excluded: int = 8
+    invariance_tolerance: float = DEFAULT_INVARIANCE_TOLERANCE
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"static INT8 method {self.method!r} is not one of {METHODS}; use 'auto'")
+        bad = [p for p in self.nncf_presets if p not in NNCF_PRESETS]
+        if bad:
+            raise ConfigError(f"NNCF presets {bad} are not among {NNCF_PRESETS}; use 'performance'")
+        bad = [c for c in self.ort_calibrations if c not in ORT_CALIBRATIONS]
+        if bad:
+            raise ConfigError(f"ORT calibration methods {bad} are not among {ORT_CALIBRATIONS}; use 'minmax'")
+        if self.smooth_quant_alpha is not None and not 0.0 < self.smooth_quant_alpha <= 1.0:
+            raise ConfigError(f"smooth_quant_alpha {self.smooth_quant_alpha} must lie in (0, 1], e.g. 0.95, or be None")
+        if self.max_excluded < 0:
+            raise ConfigError(f"max_excluded {self.max_excluded} must be >= 0, e.g. 8")
+        if not self.invariance_tolerance > 0:
+            raise ConfigError(f"invariance_tolerance {self.invariance_tolerance} must be > 0, e.g. 1e-3")
+        if self.threads < 1:
+            raise ConfigError(f"threads {self.threads} must be >= 1")
+
+
+@dataclass
+class Attempt:
+    """One tried setting and what it measured."""
+
+    method: str
+    settings: dict[str, Any]
+    fidelity: float | None = None
+    batch_invariance: float | None = None
+    seconds: float = 0.0
+    passed: bool = False
+    error: str | None = None
+
+    def describe(self) -> str:
+        """One line for error messages and logs."""
+        what = ", ".join(f"{k}={v}" for k, v in self.settings.items() if k not in ("excluded_nodes",))
+        if self.error:
+            return f"{self.method}({what}): failed: {self.error}"
+        return f"{self.method}({what}): fidelity {self.fidelity:.4f}, batch invariance {self.batch_invariance:.1e}"
+
+
+@dataclass
+class StaticInt8Result:
+    """The kept static INT8 graph and how it was chosen."""
+
+    path: Path
+    method: str
+    fidelity: float
+    batch_invariance: float
+    settings: dict[str, Any]
+    tried: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_manifest(self) -> dict[str, Any]:
+        """The ``manifest.quantization`` record."""
+        return {
+            "mode": "static",
+            "format": "QDQ",
+            "method": self.method,
+            "fidelity": self.fidelity,
+            "batch_invariance": self.batch_invariance,
+            "settings": self.settings,
+            "tried": self.tried,
+        }
+
+
+# =========================================================================================
+# Measuring: fidelity and batch invariance on any runner
+# =========================================================================================
+def ort_runner(path: str | Path, threads: int = 1) -> Runner:
+    """A CPU ONNX Runtime session on ``path`` returning the first output (spinning off)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    inputs = [i.name for i in session.get_inputs()]
+    first = session.get_outputs()[0].name
+
+    def run(feeds: Feeds) -> np.ndarray:
+        return session.run([first], {k: feeds[k] for k in inputs})[0]
+
+    return run
+
+
+def mean_cosine(got: Sequence[np.ndarray], want: Sequence[np.ndarray]) -> float:
+    """Mean row-wise cosine between two lists of ``[batch, dim]`` arrays."""
+    if len(got) != len(want):
+        raise ValueError(f"{len(got)} outputs vs {len(want)} references")
+    a = np.concatenate([np.asarray(g, np.float64).reshape(len(g), -1) for g in got])
+    b = np.concatenate([np.asarray(w, np.float64).reshape(len(w), -1) for w in want])
+    if a.shape != b.shape:
+        raise ValueError(f"output shape {a.shape} differs from the references' {b.shape}")
+    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    return float(cos.mean())
+
+
+def fidelity(run: Runner, eval_feeds: Sequence[Feeds], reference_outputs: Sequence[np.ndarray]) -> float:
+    """Mean cosine between ``run``'s outputs on ``eval_feeds`` and the reference outputs."""
+    return mean_cosine([run(f) for f in eval_feeds], reference_outputs)
+
+
+def split_items(feeds_list: Sequence[Feeds]) -> list[dict[str, np.ndarray]]:
+    """Every row of every batch as its own ``[1, length]`` feeds, trimmed to its real length."""
+    items: list[dict[str, np.ndarray]] = []
+    for feeds in feeds_list:
+        mask = np.asarray(feeds["attention_mask"])
+        for row in range(mask.shape[0]):
+            length = max(1, int(mask[row].sum()))
+            items.append({k: np.asarray(v)[row : row + 1, :length] for k, v in feeds.items()})
+    return items
+
+
+def stack_items(items: Sequence[Feeds], pad_id: int = 0) -> dict[str, np.ndarray]:
+    """Right-pad ``[1, length]`` items to the longest and stack them (mask 0 on padding)."""
+    length = max(int(next(iter(i.values())).shape[1]) for i in items)
+    out: dict[str, np.ndarray] = {}
+    for name in items[0]:
+        fill = pad_id if name == "input_ids" else 0
+        rows = [np.pad(np.asarray(i[name]), ((0, 0), (0, length - i[name].shape[1])), constant_values=fill) for i in items]
+        out[name] = np.concatenate(rows).astype(np.int64)
+    return out
+
+
+def batch_invariance(
+    run: Runner, eval_feeds: Sequence[Feeds], *, probes: int = 4, batch_size: int = 8, seed: int = 0, pad_id: int = 0
+) -> float:
+    """Largest change of a text's output between running it alone and inside batches.
+
+    For each probe text: alone; in a batch of identical copies; and in batches with random
+    other texts of other lengths (so it is padded, and sits at a random row). Returns the max
+    abs difference to the alone answer over all of them; 0 for a perfectly invariant graph.
+    """
+    items = split_items(eval_feeds)
+    if len(items) < 2:
+        raise ValueError("batch invariance needs at least two evaluation texts")
+    rng = np.random.default_rng(seed)
+    lengths = np.array([i["input_ids"].shape[1] for i in items])
+    # Probe the shortest texts: they get the most padding when batched with longer ones.
+    order = np.argsort(lengths, kind="stable")
+    worst = 0.0
+    for p in order[: min(probes, len(items))]:
+        probe = items[int(p)]
+        alone = run(probe)[0]
+        same = run(stack_items([probe] * min(batch_size, 4), pad_id))
+        worst = max(worst, float(np.abs(same - alone[None]).max()))
+        others = [i for i in range(len(items)) if i != p and lengths[i] != lengths[p]] or [
+            i for i in range(len(items)) if i != p
+        ]
+        for _ in range(2):
+            mates = list(rng.choice(others, size=min(batch_size - 1, len(others)), replace=False))
+            at = int(rng.integers(0, len(mates) + 1))
+            batch = [items[int(m)] for m in mates]
+            batch.insert(at, probe)
+            out = run(stack_items(batch, pad_id))
+            worst = max(worst, float(np.abs(out[at] - alone).max()))
+    return worst
+
+
+# =========================================================================================
+# Producers
+# =========================================================================================
+def quantize_nncf(
+    fp32_path: Path,
+    out_path: Path,
+    calibration_feeds: Sequence[Feeds],
+    *,
+    preset: str = "performance",
+    smooth_quant_alpha: float | None = 0.95,
+    fast_bias_correction: bool = True,
+) -> dict[str, Any]:
+    """NNCF post-training INT8 (ONNX backend, transformer scheme) of ``fp32_path`` into ``out_path``."""
+    try:
+        import nncf
+    except ImportError as exc:
+        raise QuantizationError(
+            f"the NNCF method needs the nncf package ({exc}); install `pruneserve[openvino]` or use method 'ort'"
+        ) from None
+    model = onnx.load(str(fp32_path))
+    inputs = [i.name for i in model.graph.input]
+    samples = [{k: np.asarray(f[k]) for k in inputs} for f in calibration_feeds]
+    advanced = nncf.AdvancedQuantizationParameters(
+        smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=smooth_quant_alpha if smooth_quant_alpha else -1.0),
+        disable_bias_correction=not fast_bias_correction,
+    )
+    with _quiet_nncf():
+        quantized = nncf.quantize(
+            model,
+            nncf.Dataset(samples),
+            preset=nncf.QuantizationPreset.PERFORMANCE if preset == "performance" else nncf.QuantizationPreset.MIXED,
+            model_type=nncf.ModelType.TRANSFORMER,
+            subset_size=len(samples),
+            fast_bias_correction=True,
+            advanced_parameters=advanced,
+        )
+    onnx.save(quantized, str(out_path))
+    return {
+        "tool": f"nncf {nncf.__version__}",
+        "preset": preset,
+        "model_type": "transformer",
+        "smooth_quant_alpha": smooth_quant_alpha,
+        "fast_bias_correction": fast_bias_correction,
+        "calibration_samples": len(samples),
+        **_qdq_summary(out_path),
+    }
+
+
+class _FeedsReader:
+    """ONNX Runtime's ``CalibrationDataReader`` protocol over prepared feeds."""
+
+    def __init__(self, feeds: Sequence[Feeds], input_names: Sequence[str]) -> None:
+        self._feeds = [{k: np.asarray(f[k]) for k in input_names} for f in feeds]
+        self._it: Iterator[dict[str, np.ndarray]] = iter(self._feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        self._it = iter(self._feeds)
+
+
+def weight_matmuls(path: Path) -> list[str]:
+    """Names of the ``MatMul`` nodes with a constant (initializer) operand: the ones ORT static quantizes."""
+    model = onnx.load(str(path), load_external_data=False)
+    consts = {i.name for i in model.graph.initializer} | {
+        o for n in model.graph.node if n.op_type == "Constant" for o in n.output
+    }
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and any(i in consts for i in n.input)]
+
+
+def quantize_ort(
+    fp32_path: Path,
+    out_path: Path,
+    calibration_feeds: Sequence[Feeds],
+    *,
+    calibration: str = "minmax",
+    exclude: Sequence[str] = (),
+    include: Sequence[str] | None = None,
+    cache: Path | None = None,
+) -> dict[str, Any]:
+    """ONNX Runtime static S8S8 QDQ (per-channel, symmetric) of the weight ``MatMul`` nodes.
+
+    ``cache`` is a calibration-range file: the first call writes it, later calls (other
+    exclusion sets) reuse it instead of calibrating again.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }
+    inputs = [i.name for i in onnx.load(str(fp32_path), load_external_data=False).graph.input]
+    with _quiet_root_logger():
+        quantize_static(
+            str(fp32_path),
+            str(out_path),
+            _FeedsReader(calibration_feeds, inputs),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=["MatMul"],
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_quantize=list(include) if include is not None else None,
+            nodes_to_exclude=list(exclude),
+            calibrate_method=methods[calibration],
+            extra_options={
+                # TensorRT's explicit quantization reads signed, zero-point-0 INT8 only.
+                "ActivationSymmetric": True,
+                "WeightSymmetric": True,
+                # Weight x activation products only; the attention score products are
+                # activation x activation and lose more than they gain.
+                "MatMulConstBOnly": True,
+                "CalibTensorRangeSymmetric": True,
+                "CalibPercentile": 99.999,
+            },
+            calibration_cache_path=cache,
+        )
+    import onnxruntime
+
+    return {
+        "tool": f"onnxruntime {onnxruntime.__version__}",
+        "calibration": calibration,
+        "per_channel": True,
+        "excluded": len(exclude),
+        "excluded_nodes": list(exclude),
+        "calibration_samples": len(calibration_feeds),
+        **_qdq_summary(out_path),
+    }
+
+
+def _qdq_summary(path: Path) -> dict[str, Any]:
+    """Whether the QDQ graph is S8S8 symmetric (TensorRT's explicit-quantization form)."""
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    tensors = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].type == onnx.AttributeProto.TENSOR:
+            tensors[node.output[0]] = node.attribute[0].t
+    signed, zero = True, True
+    quantized = 0
+    for node in model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        quantized += node.op_type == "QuantizeLinear"
+        if len(node.input) > 2 and node.input[2] in tensors:
+            zp = numpy_helper.to_array(tensors[node.input[2]])
+            signed &= zp.dtype == np.int8
+            zero &= bool(np.all(zp == 0))
+    return {"quantized_activations": quantized, "s8s8_symmetric": bool(signed and zero), "tensorrt_compatible": bool(signed and zero)}
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """ORT's quantizer logs through the root logger (advice to pre-process, at WARNING); keep it quiet."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+@contextlib.contextmanager
+def _quiet_nncf() -> Iterator[None]:
+    """NNCF draws progress bars and logs at INFO; keep them to debug logging."""
+    nncf_logger = logging.getLogger("nncf")
+    level = nncf_logger.level
+    nncf_logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        nncf_logger.setLevel(level)
+
+
+# =========================================================================================
+# The search
+# =========================================================================================
+def _measure(
+    attempt: Attempt,
+    path: Path,
+    eval_feeds: Sequence[Feeds],
+    reference_outputs: Sequence[np.ndarray],
+    quality_floor: float,
+    config: StaticInt8Config,
+) -> None:
+    run = ort_runner(path, config.threads)
+    attempt.fidelity = fidelity(run, eval_feeds, reference_outputs)
+    attempt.batch_invariance = batch_invariance(run, eval_feeds)
+    attempt.passed = attempt.fidelity >= quality_floor and attempt.batch_invariance <= config.invariance_tolerance
+    logger.info("static INT8 %s", attempt.describe())
+
+
+def _node_sensitivity(
+    fp32_path: Path,
+    work: Path,
+    calibration_feeds: Sequence[Feeds],
+    eval_feeds: Sequence[Feeds],
+    reference_outputs: Sequence[np.ndarray],
+    calibration: str,
+    cache: Path,
+    threads: int,
+) -> list[tuple[str, float]]:
+    """Fidelity loss of quantizing each weight ``MatMul`` alone, largest first (calibrated once)."""
+    losses: list[tuple[str, float]] = []
+    probe = work / "probe.onnx"
+    for name in weight_matmuls(fp32_path):
+        quantize_ort(fp32_path, probe, calibration_feeds, calibration=calibration, include=[name], cache=cache)
+        losses.append((name, 1.0 - fidelity(ort_runner(probe, threads), eval_feeds, reference_outputs)))
+    return sorted(losses, key=lambda kv: kv[1], reverse=True)
+
+
+def _exclusion_counts(limit: int) -> list[int]:
+    counts, k = [], 1
+    while k < limit:
+        counts.append(k)
+        k *= 2
+    return [*counts, limit] if limit else []
+
+
+def quantize_static_int8(
+    fp32_onnx_path: str | Path,
+    out_path: str | Path,
+    calibration_feeds: Sequence[Feeds],
+    eval_feeds: Sequence[Feeds],
+    reference_outputs: Sequence[np.ndarray],
+    quality_floor: float,
+    method: str = "auto",
+    config: StaticInt8Config | None = None,
+) -> StaticInt8Result:
+    """Calibrate a batch-invariant static INT8 QDQ graph that meets ``quality_floor``.
+
+    Args:
+        fp32_onnx_path: the **unfused** fp32 export (QDQ on a fused graph runs as float).
+        out_path: where the kept graph is written.
+        calibration_feeds: batches of the graph's inputs from the user's calibration texts
+            (one text per batch calibrates exactly the ranges served texts produce).
+        eval_feeds: held-out batches, disjoint from the calibration texts.
+        reference_outputs: the fp32 model's first output on each of ``eval_feeds``.
+        quality_floor: least mean cosine to the reference accepted.
+        method: ``auto`` (NNCF, then ONNX Runtime), ``nncf`` or ``ort``.
+        config: search settings; ``method`` overrides ``config.method``.
+
+    Returns:
+        The first setting, in order of expected speed, that meets the floor and is batch
+        invariant (within ``config.invariance_tolerance`` on ONNX Runtime CPU), with every
+        tried setting recorded.
+
+    Raises:
+        QuantizationError: no setting passed; the message lists what each one measured.
+        ConfigError: bad method or settings.
+    """
+    config = StaticInt8Config(**{**asdict(config or StaticInt8Config()), "method": method})
+    if not calibration_feeds:
+        raise QuantizationError("static INT8 needs calibration texts, but none were given; pass the user's data")
+    if not eval_feeds or len(eval_feeds) != len(reference_outputs):
+        raise QuantizationError(
+            f"static INT8 needs held-out texts with one reference output per batch; got {len(eval_feeds)} "
+            f"batches and {len(reference_outputs)} references"
+        )
+    src, dst = Path(fp32_onnx_path), Path(out_path)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fused = {n.op_type for n in onnx.load(str(src), load_external_data=False).graph.node} & {
+        "Attention", "MultiHeadAttention", "SkipLayerNormalization", "EmbedLayerNormalization"
+    }
+    if fused:
+        raise QuantizationError(
+            f"{src.name} is a fused graph ({sorted(fused)}); static QDQ on fused contrib ops runs in float. "
+            "Pass the unfused fp32 export"
+        )
+    tried: list[Attempt] = []
+    best: tuple[Attempt, Path] | None = None
+    with tempfile.TemporaryDirectory(prefix="static-int8-") as tmp:
+        work = Path(tmp)
+
+        def attempt(method_name: str, produce: Callable[[Path], dict[str, Any]], settings: dict[str, Any]) -> bool:
+            nonlocal best
+            path = work / f"candidate-{len(tried)}.onnx"
+            record = Attempt(method_name, dict(settings))
+            tried.append(record)
+            start = time.perf_counter()
+            try:
+                record.settings.update(produce(path))
+                _measure(record, path, eval_feeds, reference_outputs, quality_floor, config)
+            except QuantizationError:
+                raise
+            except Exception as exc:  # the quantizers raise many unrelated types on odd graphs
+                record.error = f"{type(exc).__name__}: {exc}"
+                logger.warning("static INT8 %s", record.describe())
+            record.seconds = round(time.perf_counter() - start, 2)
+            if record.passed:
+                best = (record, path)
+            return record.passed
+
+        done = False
+        if config.method in ("auto", "nncf"):
+            for preset in config.nncf_presets:
+                settings = {"preset": preset}
+                if attempt(
+                    "nncf",
+                    lambda p, preset=preset: quantize_nncf(
+                        src, p, calibration_feeds, preset=preset,
+                        smooth_quant_alpha=config.smooth_quant_alpha,
+                        fast_bias_correction=config.fast_bias_correction,
+                    ),
+                    settings,
+                ):
+                    done = True
+                    break
+        if not done and config.method in ("auto", "ort"):
+            for calibration in config.ort_calibrations:
+                cache = work / f"ranges-{calibration}.json"
+                if attempt(
+                    "ort",
+                    lambda p, c=calibration, cache=cache: quantize_ort(src, p, calibration_feeds, calibration=c, cache=cache),
+                    {"calibration": calibration},
+                ):
+                    done = True
+                    break
+            if not done and config.max_excluded > 0 and tried and tried[-1].error is None:
+                calibration = config.ort_calibrations[0]
+                cache = work / f"ranges-{calibration}.json"
+                ranked = _node_sensitivity(
+                    src, work, calibration_feeds, eval_feeds, reference_outputs, calibration, cache, config.threads
+                )
+                for k in _exclusion_counts(min(config.max_excluded, len(ranked))):
+                    exclude = [name for name, _ in ranked[:k]]
+                    if attempt(
+                        "ort",
+                        lambda p, ex=exclude: quantize_ort(
+                            src, p, calibration_feeds, calibration=calibration, exclude=ex, cache=cache
+                        ),
+                        {"calibration": calibration, "excluded_by": "sensitivity"},
+                    ):
+                        break
+        if best is None:
+            lines = "; ".join(a.describe() for a in tried) or "nothing"
+            raise QuantizationError(
+                f"no static INT8 setting reached the quality floor {quality_floor} with batch invariance "
+                f"<= {config.invariance_tolerance:g}. Tried: {lines}. Lower the floor, calibrate on more of "
+                "your own texts, or use dynamic INT8 / fp32"
+            )
+        record, path = best
+        shutil.copyfile(path, dst)
+    assert record.fidelity is not None and record.batch_invariance is not None
+    logger.info("static INT8 kept %s -> %s", record.describe(), dst)
+    return StaticInt8Result(
+        path=dst,
+        method=record.method,
+        fidelity=record.fidelity,
+        batch_invariance=record.batch_invariance,
+        settings=record.settings,
+        tried=[asdict(a) for a in tried],
+    )
+
+
+__all__ = [
+    "METHODS",
+    "StaticInt8Config",
+    "StaticInt8Result",
+    "batch_invariance",
+    "fidelity",
+    "mean_cosine",
+    "ort_runner",
+    "quantize_nncf",
+    "quantize_ort",
+    "quantize_static_int8",
+    "split_items",
+    "stack_items",
+    "weight_matmuls",
+]

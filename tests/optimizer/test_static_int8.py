@@ -1,0 +1,156 @@
+"""Calibrated static INT8 (NNCF and ONNX Runtime QDQ): quality floor, batch invariance, S8S8 form,
+search records and refusals, on a tiny physically pruned encoder exported by ``export_onnx``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from pruned_onnx import export_pruned, feeds, random_texts, torch_reference
+
+from pruneserve.optimizer.engines import openvino_runner
+from pruneserve.optimizer.errors import ConfigError, QuantizationError
+from pruneserve.optimizer.static_int8 import (
+    StaticInt8Config,
+    batch_invariance,
+    fidelity,
+    ort_runner,
+    quantize_static_int8,
+    split_items,
+    stack_items,
+)
+
+#: A text's answer alone vs batched, for graphs with fixed activation scales.
+INVARIANT = 1e-5
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    folder = tmp_path_factory.mktemp("static-int8")
+    path, encoder = export_pruned(folder / "fp32.onnx")
+    evals = [feeds(random_texts(6, seed)) for seed in (10, 11, 12)]
+    return {
+        "folder": folder,
+        "fp32": path,
+        "calibration": [feeds([t]) for t in random_texts(16, 1)],
+        "evals": evals,
+        "reference": [torch_reference(encoder, f) for f in evals],
+    }
+
+
+def _probe_invariance(run, texts: list[list[int]]) -> float:  # noqa: ANN001 - a Runner
+    """Independent of ``batch_invariance``: one text alone, with identical copies, and at row 2 of
+    batches of random other texts of other lengths."""
+    probe = texts[0]
+    alone = run(feeds([probe]))[0]
+    worst = float(np.abs(run(feeds([probe] * 5)) - alone).max())
+    for seed in range(3):
+        others = [t for t in random_texts(7, 100 + seed, min_len=1, max_len=40) if len(t) != len(probe)]
+        batch = [*others[:2], probe, *others[2:]]
+        worst = max(worst, float(np.abs(run(feeds(batch))[2] - alone).max()))
+    return worst
+
+
+@pytest.fixture(scope="module")
+def auto_result(tiny: dict):  # noqa: ANN201 - StaticInt8Result
+    """``method="auto"``: NNCF is tried first (one NNCF run shared by the tests below)."""
+    return quantize_static_int8(
+        tiny["fp32"], tiny["folder"] / "nncf.onnx", tiny["calibration"], tiny["evals"], tiny["reference"], 0.95
+    )
+
+
+@pytest.mark.parametrize("method", ["nncf", "ort"])
+def test_static_int8_meets_floor_and_is_batch_invariant(tiny: dict, auto_result, method: str) -> None:  # noqa: ANN001
+    out = tiny["folder"] / f"{method}.onnx"
+    if method == "nncf":
+        result = auto_result
+    else:
+        result = quantize_static_int8(
+            tiny["fp32"], out, tiny["calibration"], tiny["evals"], tiny["reference"], quality_floor=0.95, method=method
+        )
+    assert result.path == out and out.is_file()
+    assert result.method == method
+    assert result.fidelity >= 0.95 and result.batch_invariance <= INVARIANT
+    assert [t["method"] for t in result.tried] == [method]
+    # Quantized for real, in the S8S8 form TensorRT's explicit quantization accepts.
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert ops.count("QuantizeLinear") >= 3 and "DequantizeLinear" in ops
+    assert result.settings["s8s8_symmetric"] and result.settings["quantized_activations"] >= 3
+    # The recorded fidelity is what an independent evaluation measures.
+    run = ort_runner(out)
+    assert fidelity(run, tiny["evals"], tiny["reference"]) == pytest.approx(result.fidelity, abs=1e-6)
+    probe = random_texts(1, 42, min_len=2, max_len=4)
+    assert _probe_invariance(run, probe) <= INVARIANT
+    # OpenVINO reads the same QDQ graph and keeps both promises.
+    ov_run = openvino_runner(out, 1, "f32")
+    assert _probe_invariance(ov_run, probe) <= INVARIANT
+    assert fidelity(ov_run, tiny["evals"], tiny["reference"]) >= 0.95
+    assert result.to_manifest()["mode"] == "static"
+
+
+def test_fp32_is_batch_invariant_and_dynamic_int8_is_not(tiny: dict) -> None:
+    """The probe can fail: dynamic INT8's per-batch activation scales move a text's answer."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    probe = random_texts(1, 42, min_len=2, max_len=4)
+    assert _probe_invariance(ort_runner(tiny["fp32"]), probe) <= INVARIANT
+    assert batch_invariance(ort_runner(tiny["fp32"]), tiny["evals"]) <= INVARIANT
+    dynamic = tiny["folder"] / "dynamic.onnx"
+    quantize_dynamic(str(tiny["fp32"]), str(dynamic), per_channel=True, weight_type=QuantType.QInt8)
+    assert _probe_invariance(ort_runner(dynamic), probe) > 1e-3
+    assert batch_invariance(ort_runner(dynamic), tiny["evals"]) > 1e-3
+
+
+def test_auto_tries_nncf_first_and_records_the_choice(auto_result) -> None:  # noqa: ANN001
+    result = auto_result
+    assert result.method == "nncf"
+    assert result.tried[0]["method"] == "nncf" and result.tried[0]["passed"]
+    assert result.settings["preset"] == "performance" and result.settings["smooth_quant_alpha"] == 0.95
+
+
+def test_unreachable_floor_raises_with_everything_tried(tiny: dict) -> None:
+    config = StaticInt8Config(ort_calibrations=("minmax",), max_excluded=1)
+    with pytest.raises(QuantizationError) as err:
+        quantize_static_int8(
+            tiny["fp32"], tiny["folder"] / "never.onnx", tiny["calibration"], tiny["evals"], tiny["reference"],
+            quality_floor=1.01, method="ort", config=config,
+        )
+    message = str(err.value)
+    assert "1.01" in message and "ort(calibration=minmax" in message and "excluded_by=sensitivity" in message
+    assert not (tiny["folder"] / "never.onnx").exists()
+
+
+def test_refuses_fused_graphs_and_missing_data(tmp_path: Path, tiny: dict) -> None:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    node = helper.make_node("SkipLayerNormalization", ["x", "x", "g", "b"], ["y"], domain="com.microsoft")
+    fused = tmp_path / "fused.onnx"
+    onnx.save(helper.make_model(helper.make_graph([node], "g", [x], [y])), str(fused))
+    with pytest.raises(QuantizationError, match="fused graph"):
+        quantize_static_int8(fused, tmp_path / "q.onnx", tiny["calibration"], tiny["evals"], tiny["reference"], 0.9)
+    with pytest.raises(QuantizationError, match="calibration texts"):
+        quantize_static_int8(tiny["fp32"], tmp_path / "q.onnx", [], tiny["evals"], tiny["reference"], 0.9)
+    with pytest.raises(QuantizationError, match="one reference output per batch"):
+        quantize_static_int8(tiny["fp32"], tmp_path / "q.onnx", tiny["calibration"], tiny["evals"], [], 0.9)
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ConfigError, match="method 'fast'"):
+        StaticInt8Config(method="fast")
+    with pytest.raises(ConfigError, match="presets"):
+        StaticInt8Config(nncf_presets=("accurate",))
+    with pytest.raises(ConfigError, match="smooth_quant_alpha"):
+        StaticInt8Config(smooth_quant_alpha=1.5)
+
+
+def test_split_and_stack_round_trip() -> None:
+    texts = random_texts(5, 3)
+    batch = feeds(texts)
+    items = split_items([batch])
+    assert [i["input_ids"].shape[1] for i in items] == [len(t) for t in texts]
+    again = stack_items(items)
+    for name in batch:
+        np.testing.assert_array_equal(again[name], batch[name])
