@@ -415,7 +415,10 @@ def load_model(path: str | Path | None) -> LoadedModel:
         )
     weight_files, sha = _weights_sha256(model_dir)
 
-    hf_config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    try:
+        hf_config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as exc:  # transformers raises ValueError/OSError/KeyError on bad configs
+        raise ModelLoadError(f"transformers could not read {config_path}: {exc}") from exc
     spec = _build_spec(adapter, hf_config, task)
     auto = AutoModelForSequenceClassification if task.task == "classification" else AutoModel
     try:
