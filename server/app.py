@@ -115,7 +115,9 @@ class InferenceServer:
         in_flight = self._drain.in_flight
         logger.info("shutting down: refusing new RPCs, %d in flight, grace %.1f s", in_flight, grace)
         if not await self._drain.wait_idle(grace):
-            logger.warning("grace of %.1f s ran out with %d RPCs still running; cancelling them", grace, self._drain.in_flight)
+            logger.warning(
+                "grace of %.1f s ran out with %d RPCs still running; cancelling them", grace, self._drain.in_flight
+            )
         # grpc cancels (CANCELLED, not retryable) calls that arrive once its own stop begins.
         # Clients whose last request was just answered send the next one right away, so keep
         # refusing them with UNAVAILABLE for a moment first: they learn to go elsewhere.
@@ -185,7 +187,11 @@ def _enable_reflection(server: grpc.aio.Server) -> None:
             POOL.FindFileByName(file.name)
         except KeyError:
             POOL.AddSerializedFile(file.serialized_pb)
-    names = (INFERENCE_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+    names = (
+        INFERENCE_SERVICE_NAME,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
     reflection.enable_server_reflection(names, server, pool=POOL)
 
 

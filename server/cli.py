@@ -62,29 +62,47 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     serve.add_argument("--grpc-port", type=int, help=f"gRPC port, 0 = any free one (default {default('grpc_port')})")
     serve.add_argument("--metrics-host", help=f"Prometheus listen address (default {default('metrics_host')})")
     serve.add_argument("--metrics-port", type=int, help=f"Prometheus port, 0 = off (default {default('metrics_port')})")
-    serve.add_argument("--max-batch-size", type=int, help=f"most items per engine run (default {default('max_batch_size')})")
     serve.add_argument(
-        "--max-queue-delay-ms", type=float, help=f"longest wait for batch-mates (default {default('max_queue_delay_ms')})"
+        "--max-batch-size", type=int, help=f"most items per engine run (default {default('max_batch_size')})"
     )
     serve.add_argument(
-        "--max-queue-size", type=int, help=f"most queued items per model before RESOURCE_EXHAUSTED (default {default('max_queue_size')})"
+        "--max-queue-delay-ms",
+        type=float,
+        help=f"longest wait for batch-mates (default {default('max_queue_delay_ms')})",
     )
-    serve.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads per session (default: cores / workers)")
+    serve.add_argument(
+        "--max-queue-size",
+        type=int,
+        help=f"most queued items per model before RESOURCE_EXHAUSTED (default {default('max_queue_size')})",
+    )
+    serve.add_argument(
+        "--threads", type=int, help="ONNX Runtime intra-op threads per session (default: cores / workers)"
+    )
     serve.add_argument("--workers", type=int, help=f"engine runs at the same time (default {default('workers')})")
     serve.add_argument(
         "--provider", "--providers", dest="providers", type=_csv, metavar="LIST",
         help="execution providers in order of preference, e.g. tensorrt,cuda,cpu (default cpu)",
     )  # fmt: skip
     serve.add_argument("--engine", help=f"auto | onnxruntime | openvino (default {default('engine')})")
-    serve.add_argument("--max-sequence-length", type=int, help="longest accepted token sequence (default: the artifact's)")
+    serve.add_argument(
+        "--max-sequence-length", type=int, help="longest accepted token sequence (default: the artifact's)"
+    )
     serve.add_argument("--truncate", action="store_true", help="truncate over-long texts instead of refusing them")
-    serve.add_argument("--length-buckets", type=_int_csv, metavar="LIST", help="sequence-length bucket bounds, e.g. 32,128,512")
-    serve.add_argument("--max-message-bytes", type=int, help=f"largest gRPC message (default {default('max_message_bytes')})")
-    serve.add_argument("--grace-seconds", type=float, help=f"shutdown grace for accepted work (default {default('grace_seconds')})")
+    serve.add_argument(
+        "--length-buckets", type=_int_csv, metavar="LIST", help="sequence-length bucket bounds, e.g. 32,128,512"
+    )
+    serve.add_argument(
+        "--max-message-bytes", type=int, help=f"largest gRPC message (default {default('max_message_bytes')})"
+    )
+    serve.add_argument(
+        "--grace-seconds", type=float, help=f"shutdown grace for accepted work (default {default('grace_seconds')})"
+    )
     serve.add_argument("--tls-cert", help="PEM server certificate (enables TLS; needs --tls-key)")
     serve.add_argument("--tls-key", help="PEM private key of --tls-cert")
     serve.add_argument("--tls-client-ca", help="PEM CA that client certificates must chain to (mutual TLS)")
-    serve.add_argument("--shadow-rate", type=float, help="fraction of requests also run on the unpruned reference model")
+    serve.add_argument(
+        "--shadow-rate", type=float, help="fraction of requests also run on the unpruned reference model"
+    )
     serve.add_argument(
         "--log-format", choices=["text", "json"], default="text",
         help="text lines, or one JSON object per line with request_id, rpc, model and code fields (default text)",
@@ -194,7 +212,10 @@ def run_infer(args: argparse.Namespace) -> int:
             args.url, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key, timeout=args.timeout
         ) as client:
             if args.ready:
-                ready = {"server_ready": client.server_ready(), "model_ready": client.model_ready(args.model, args.model_version)}
+                ready = {
+                    "server_ready": client.server_ready(),
+                    "model_ready": client.model_ready(args.model, args.model_version),
+                }
                 print(json.dumps({"model": args.model, **ready}))
                 return 0 if all(ready.values()) else 1
             outputs = client.infer_text(

@@ -142,7 +142,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             rid = _request_id(message, context)
             try:
                 yield
-            except Exception as exc:  # noqa: BLE001 - this is the one place that maps them all
+            except Exception as exc:
                 await self._abort(context, exc, method, rid, message)
 
         return _guarded(handler, guard)

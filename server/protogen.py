@@ -77,9 +77,8 @@ def _rewrite(name: str, text: str, generated: set[str]) -> str:
 
 def generate(out_dir: Path, proto_dir: Path = PROTO_DIR) -> list[Path]:
     """Run protoc over ``PROTO_FILES`` into ``out_dir`` and post-process; returns the files written."""
-    from grpc_tools import protoc  # dev dependency: only regeneration needs it
-
     import grpc_tools
+    from grpc_tools import protoc  # dev dependency: only regeneration needs it
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,7 +128,12 @@ def check(out_dir: Path = OUT_DIR, proto_dir: Path = PROTO_DIR) -> list[str]:
                 new = fresh[name].read_text(encoding="utf-8")
                 if old != new:
                     diff = difflib.unified_diff(
-                        old.splitlines(), new.splitlines(), f"checked-in/{name}", f"regenerated/{name}", lineterm="", n=1
+                        old.splitlines(),
+                        new.splitlines(),
+                        f"checked-in/{name}",
+                        f"regenerated/{name}",
+                        lineterm="",
+                        n=1,
                     )
                     problems.append(f"{name}: differs\n" + "\n".join(list(diff)[:20]))
     return problems

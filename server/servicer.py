@@ -131,9 +131,7 @@ def _parameters(params: Mapping[str, pb.InferParameter]) -> dict[str, Any]:
 def _element_count(name: str, shape: Iterable[int]) -> int:
     dims = list(shape)
     if any(d < 0 for d in dims):
-        raise InvalidArgumentError(
-            f"input {name!r} has shape {dims}; every dimension of a request tensor must be >= 0"
-        )
+        raise InvalidArgumentError(f"input {name!r} has shape {dims}; every dimension of a request tensor must be >= 0")
     # math.prod on Python ints cannot overflow; the count is only compared, never allocated.
     return math.prod(dims)
 
@@ -351,7 +349,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._dataplane = dataplane
         self._shutdown = shutdown if shutdown is not None else asyncio.Event()
 
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=self._dataplane.live())
 
     async def ServerReady(
@@ -359,7 +359,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self._dataplane.ready())
 
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
         return pb.ModelReadyResponse(ready=self._dataplane.model_ready(request.name, request.version))
 
     async def ServerMetadata(
@@ -387,7 +389,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         stats = self._dataplane.model_statistics(request.name, request.version)
         return pb.ModelStatisticsResponse(model_stats=[encode_model_stats(s) for s in stats])
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
         return await self._infer(request, _deadline(context))
 
     async def ModelStreamInfer(
@@ -453,7 +457,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             stop.cancel()
             if not read.done():
                 read.cancel()
-        if read.cancelled():
+        if not read.done() or read.cancelled():  # shutdown came first (cancel() takes effect later)
             return None
         try:
             return read.result()

@@ -89,7 +89,9 @@ def serving(config: ServeConfig, dataplane: DataPlane | None = None) -> Iterator
         srv.stop()
 
 
-def texts_request(texts: list[bytes], *, model: str = "tiny-embed", shape: list[int] | None = None) -> pb.ModelInferRequest:
+def texts_request(
+    texts: list[bytes], *, model: str = "tiny-embed", shape: list[int] | None = None
+) -> pb.ModelInferRequest:
     """A ``text`` request in raw contents (``shape`` defaults to ``[len(texts), 1]``)."""
     request = pb.ModelInferRequest(model_name=model)
     request.inputs.add(name="text", datatype="BYTES", shape=shape if shape is not None else [len(texts), 1])

@@ -88,7 +88,9 @@ def wrong_ids_dtype(draw: st.DrawFn) -> Case:
 
 @st.composite
 def unknown_datatype(draw: st.DrawFn) -> Case:
-    datatype = draw(st.text(string.ascii_letters + string.digits, max_size=8).filter(lambda d: d not in DATATYPE_TO_NUMPY))
+    datatype = draw(
+        st.text(string.ascii_letters + string.digits, max_size=8).filter(lambda d: d not in DATATYPE_TO_NUMPY)
+    )
     request = _request(draw(models))
     request.inputs.add(name="text", datatype=datatype, shape=[1, 1]).contents.bytes_contents.append(b"hello")
     return Case("unknown-datatype", request, INVALID, ("unknown datatype",))
@@ -111,7 +113,9 @@ def raw_bytes_count_mismatch(draw: st.DrawFn) -> Case:
     if declared == actual:
         actual += 1
     texts = [draw(sentences).encode() for _ in range(actual)]
-    return Case("raw-bytes-count", _texts(draw(models), texts, [declared, 1]), INVALID, ("end after", "bytes after the"))
+    return Case(
+        "raw-bytes-count", _texts(draw(models), texts, [declared, 1]), INVALID, ("end after", "bytes after the")
+    )
 
 
 @st.composite
@@ -178,7 +182,9 @@ def non_utf8(draw: st.DrawFn) -> Case:
 @st.composite
 def ids_out_of_vocab(draw: st.DrawFn) -> Case:
     b, s = draw(batch), draw(st.integers(1, MAX_LEN))
-    ids = np.array(draw(st.lists(st.integers(0, len(VOCAB) - 1), min_size=b * s, max_size=b * s)), dtype="<i8").reshape(b, s)
+    ids = np.array(draw(st.lists(st.integers(0, len(VOCAB) - 1), min_size=b * s, max_size=b * s)), dtype="<i8").reshape(
+        b, s
+    )
     bad = draw(st.one_of(st.integers(len(VOCAB), 2**62), st.integers(-(2**62), -1)))
     ids[draw(st.integers(0, b - 1)), draw(st.integers(0, s - 1))] = bad
     request = _request(draw(models))
@@ -217,7 +223,9 @@ def duplicated_input(draw: st.DrawFn) -> Case:
 
 @st.composite
 def unknown_model(draw: st.DrawFn) -> Case:
-    name = draw(st.text(string.ascii_letters + string.digits + "-_.", min_size=1, max_size=20).filter(lambda n: n not in MODELS))
+    name = draw(
+        st.text(string.ascii_letters + string.digits + "-_.", min_size=1, max_size=20).filter(lambda n: n not in MODELS)
+    )
     return Case("unknown-model", _texts(name, [draw(sentences).encode()]), NOT_FOUND, (name,))
 
 
@@ -267,7 +275,7 @@ def assert_healthy(server: ServerThread, stub: pb_grpc.GRPCInferenceServiceStub)
     assert status == health_pb2.HealthCheckResponse.SERVING
     for model in MODELS:
         response = stub.ModelInfer(_texts(model, [b"hello world", b"good dog"]), timeout=30)
-        assert list(response.outputs[0].shape)[0] == 2
+        assert response.outputs[0].shape[0] == 2
 
 
 @settings(
@@ -290,7 +298,13 @@ def test_server_stays_healthy_and_bounded_across_thousands_of_bad_requests(
     samples: list[int] = []
     sent = 0
 
-    @settings(max_examples=2000, deadline=None, database=None, phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=2000,
+        deadline=None,
+        database=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(case=bad_requests)
     def hammer(case: Case) -> None:
         nonlocal sent

@@ -9,8 +9,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from grpc_harness import make_config, serving
+from prometheus_client.parser import text_string_to_metric_families
 
 from pruneserve.cli import build_parser
 from pruneserve.server.cli import config_from_args, run_serve
@@ -22,17 +22,16 @@ def parse(*argv: str):  # type: ignore[no-untyped-def]
 
 
 def test_flags_map_to_config_fields(embedding_artifact: Path) -> None:
-    config = config_from_args(
-        parse(
-            str(embedding_artifact), "--host", "127.0.0.1", "--grpc-port", "9001", "--metrics-host", "127.0.0.2",
-            "--metrics-port", "9002", "--max-batch-size", "16", "--max-queue-delay-ms", "3.5", "--max-queue-size", "77",
-            "--threads", "2", "--workers", "3", "--provider", "cuda,cpu", "--engine", "onnxruntime",
-            "--max-sequence-length", "128", "--truncate", "--length-buckets", "32,8", "--max-message-bytes", "4096",
-            "--grace-seconds", "2.5", "--shadow-rate", "0.25",
-        )  # fmt: skip
+    flags = (
+        "--host 127.0.0.1 --grpc-port 9001 --metrics-host 127.0.0.2 --metrics-port 9002 --max-batch-size 16 "
+        "--max-queue-delay-ms 3.5 --max-queue-size 77 --threads 2 --workers 3 --provider cuda,cpu "
+        "--engine onnxruntime --max-sequence-length 128 --truncate --length-buckets 32,8 --max-message-bytes 4096 "
+        "--grace-seconds 2.5 --shadow-rate 0.25"
     )
+    config = config_from_args(parse(str(embedding_artifact), *flags.split()))
     assert config.artifacts == [str(embedding_artifact)]
-    assert (config.host, config.grpc_port, config.metrics_host, config.metrics_port) == ("127.0.0.1", 9001, "127.0.0.2", 9002)
+    assert (config.host, config.grpc_port) == ("127.0.0.1", 9001)
+    assert (config.metrics_host, config.metrics_port) == ("127.0.0.2", 9002)
     assert (config.max_batch_size, config.max_queue_delay_ms, config.max_queue_size) == (16, 3.5, 77)
     assert (config.threads, config.workers, config.providers, config.engine) == (2, 3, ["cuda", "cpu"], "onnxruntime")
     assert (config.max_sequence_length, config.truncate, config.length_buckets) == (128, True, [8, 32])
@@ -111,5 +110,9 @@ def test_json_logs_carry_the_request_id_and_structured_fields() -> None:
     RequestIdLogFilter().filter(record)
     entry = json.loads(JsonLogFormatter().format(record))
     assert entry["request_id"] == "req-7" and entry["message"] == "failed here"
-    assert (entry["rpc"], entry["code"], entry["level"]) == ("/inference.GRPCInferenceService/ModelInfer", "INTERNAL", "ERROR")
+    assert (entry["rpc"], entry["code"], entry["level"]) == (
+        "/inference.GRPCInferenceService/ModelInfer",
+        "INTERNAL",
+        "ERROR",
+    )
     assert "ValueError: boom" in entry["exception"]

@@ -74,17 +74,21 @@ def _unknown_output() -> pb.ModelInferRequest:
 
 
 INVALID: dict[str, tuple[Build, str]] = {
-    "wrong-input-name": (lambda: _typed("texts", "BYTES", [1, 1], "bytes_contents", [b"hi"]), "unknown inputs ['texts']"),
+    "wrong-input-name": (
+        lambda: _typed("texts", "BYTES", [1, 1], "bytes_contents", [b"hi"]),
+        "unknown inputs ['texts']",
+    ),
     "wrong-dtype": (lambda: _typed("text", "INT64", [1, 1], "int64_contents", [5]), "must be BYTES"),
     "unknown-dtype": (lambda: _typed("text", "STRING", [1, 1], "bytes_contents", [b"hi"]), "unknown datatype 'STRING'"),
-    "wrong-shape": (lambda: _typed("text", "BYTES", [1, 2], "bytes_contents", [b"a", b"b"]), "expected [batch] or [batch, 1]"),
+    "wrong-shape": (
+        lambda: _typed("text", "BYTES", [1, 2], "bytes_contents", [b"a", b"b"]),
+        "expected [batch] or [batch, 1]",
+    ),
     "negative-dim": (lambda: _typed("text", "BYTES", [-1, 1], "bytes_contents", [b"a"]), "must be >= 0"),
     "typed-count": (lambda: _typed("text", "BYTES", [2, 1], "bytes_contents", [b"a"]), "holds 1"),
     "misplaced-contents": (lambda: _typed("input_ids", "INT64", [1, 2], "fp32_contents", [1.0, 2.0]), "int64_contents"),
     "raw-length": (lambda: ids_request(np.array([[2, 7, 3]]), raw=b"\0" * 16), "need 24"),
-    "raw-bytes-overrun": (
-        lambda: texts_request([b"hello"], shape=[2, 1]), "end after 1 of 2 elements"
-    ),
+    "raw-bytes-overrun": (lambda: texts_request([b"hello"], shape=[2, 1]), "end after 1 of 2 elements"),
     "raw-count": (_raw_count, "raw_input_contents"),
     "raw-and-typed": (_mixed, "one encoding"),
     "duplicated-input": (_duplicated, "more than once"),
@@ -134,7 +138,10 @@ def test_unknown_model_or_version_is_not_found(server: ServerThread, model: str,
 
 
 def test_message_over_the_size_limit_is_refused(embedding_artifact: Path) -> None:
-    with serving(make_config([embedding_artifact], max_message_bytes=4096)) as srv, grpc.insecure_channel(srv.url) as ch:
+    with (
+        serving(make_config([embedding_artifact], max_message_bytes=4096)) as srv,
+        grpc.insecure_channel(srv.url) as ch,
+    ):
         stub = pb_grpc.GRPCInferenceServiceStub(ch)
         with pytest.raises(grpc.RpcError) as err:
             stub.ModelInfer(texts_request([b"x" * 10_000]), timeout=30)
@@ -225,15 +232,17 @@ def test_unexpected_exception_is_internal_with_a_generic_message(
     config = make_config([embedding_artifact])
     srv = ServerThread(config, ExplodingDataPlane(config))
     try:
-        with caplog.at_level(logging.ERROR, logger="pruneserve.server.interceptors"):
-            with grpc.insecure_channel(srv.url) as ch:
-                stub = pb_grpc.GRPCInferenceServiceStub(ch)
-                with pytest.raises(grpc.RpcError) as err:
-                    stub.ModelMetadata(
-                        pb.ModelMetadataRequest(name="tiny-embed"), metadata=[("x-request-id", "rid-42")], timeout=30
-                    )
-                # The server survives its own bug.
-                assert stub.ServerReady(pb.ServerReadyRequest(), timeout=30).ready
+        with (
+            caplog.at_level(logging.ERROR, logger="pruneserve.server.interceptors"),
+            grpc.insecure_channel(srv.url) as ch,
+        ):
+            stub = pb_grpc.GRPCInferenceServiceStub(ch)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ModelMetadata(
+                    pb.ModelMetadataRequest(name="tiny-embed"), metadata=[("x-request-id", "rid-42")], timeout=30
+                )
+            # The server survives its own bug.
+            assert stub.ServerReady(pb.ServerReadyRequest(), timeout=30).ready
         assert err.value.code() is grpc.StatusCode.INTERNAL
         assert "secret" not in err.value.details() and "/srv" not in err.value.details()
         assert "rid-42" in err.value.details()

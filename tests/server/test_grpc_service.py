@@ -15,8 +15,8 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
-from tiny_artifacts import LABELS, reference_forward, tokenize
 from grpc_harness import ServerThread, make_config, serving
+from tiny_artifacts import LABELS, reference_forward, tokenize
 from tritonclient.utils import InferenceServerException
 
 from pruneserve.server._proto import grpc_service_pb2 as pb
@@ -197,7 +197,9 @@ def test_streaming_infer_answers_every_request_with_its_id(
 
 
 # -- inference with typed contents (our stubs) ------------------------------------------------
-def test_typed_text_contents_get_typed_outputs(stub: pb_grpc.GRPCInferenceServiceStub, classifier_artifact: Path) -> None:
+def test_typed_text_contents_get_typed_outputs(
+    stub: pb_grpc.GRPCInferenceServiceStub, classifier_artifact: Path
+) -> None:
     request = pb.ModelInferRequest(model_name="tiny-cls", id="typed")
     tensor = request.inputs.add(name="text", datatype="BYTES", shape=[2, 1])
     tensor.contents.bytes_contents.extend(t.encode() for t in TEXTS[:2])
@@ -270,7 +272,9 @@ def test_our_client(server: ServerThread, embedding_artifact: Path) -> None:
         np.testing.assert_allclose(out["embedding"], expected(embedding_artifact, TEXTS[:1]), atol=1e-5)
 
 
-def test_cli_infer_prints_json(server: ServerThread, classifier_artifact: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_infer_prints_json(
+    server: ServerThread, classifier_artifact: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from pruneserve.cli import main
 
     rc = main(["infer", "--url", server.url, "--model", "tiny-cls", "--text", TEXTS[0], "--text", TEXTS[1]])
@@ -288,7 +292,9 @@ def test_cli_infer_prints_json(server: ServerThread, classifier_artifact: Path, 
     assert main(["infer", "--url", server.url, "--model", "tiny-cls"]) == 2  # nothing to send
 
 
-def test_a_stream_the_client_abandons_leaves_nothing_behind(server: ServerThread, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_stream_the_client_abandons_leaves_nothing_behind(
+    server: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
     import asyncio
     import gc
     import threading

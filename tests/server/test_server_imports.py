@@ -40,7 +40,9 @@ from pruneserve.server.config import ServeConfig
 from pruneserve.server.client import InferenceClient
 
 async def main():
-    config = ServeConfig(artifacts=[{str(embedding_artifact)!r}], host="127.0.0.1", grpc_port=0, metrics_port=0, threads=1)
+    config = ServeConfig(
+        artifacts=[{str(embedding_artifact)!r}], host="127.0.0.1", grpc_port=0, metrics_port=0, threads=1
+    )
     server, port = await create_server(config)
     def call():
         with InferenceClient(f"127.0.0.1:{{port}}") as c:

@@ -18,7 +18,9 @@ from tritonclient.utils import InferenceServerException
 from pruneserve.server.client import InferenceClient
 from pruneserve.server.errors import ConfigError
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make certificates")
+pytestmark = pytest.mark.skipif(
+    shutil.which("openssl") is None, reason="needs the openssl command to make certificates"
+)
 
 
 @dataclass
@@ -66,7 +68,13 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     _leaf(d, "client", "ca", "extendedKeyUsage=clientAuth\n")
     _leaf(d, "rogue", "rogue-ca", "extendedKeyUsage=clientAuth\n")
     return Pki(
-        d / "ca.pem", d / "server.pem", d / "server.key", d / "client.pem", d / "client.key", d / "rogue.pem", d / "rogue.key"
+        d / "ca.pem",
+        d / "server.pem",
+        d / "server.key",
+        d / "client.pem",
+        d / "client.key",
+        d / "rogue.pem",
+        d / "rogue.key",
     )
 
 
@@ -106,11 +114,14 @@ def test_tls_refuses_plaintext_and_untrusting_clients(tls_server: ServerThread, 
         plaintext.is_server_live(client_timeout=5)
     assert err.value.status() == "StatusCode.UNAVAILABLE"
     plaintext.close()
-    with grpc.secure_channel(
-        tls_server.url, grpc.ssl_channel_credentials(root_certificates=(pki.ca.parent / "rogue-ca.pem").read_bytes())
-    ) as channel:
-        with pytest.raises(grpc.FutureTimeoutError):
-            grpc.channel_ready_future(channel).result(timeout=3)  # the handshake fails: wrong CA
+    with (
+        grpc.secure_channel(
+            tls_server.url,
+            grpc.ssl_channel_credentials(root_certificates=(pki.ca.parent / "rogue-ca.pem").read_bytes()),
+        ) as channel,
+        pytest.raises(grpc.FutureTimeoutError),
+    ):
+        grpc.channel_ready_future(channel).result(timeout=3)  # the handshake fails: wrong CA
 
 
 def test_mutual_tls_requires_a_client_certificate_from_the_ca(mtls_server: ServerThread, pki: Pki) -> None:
@@ -128,7 +139,9 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(mtls_server: Serve
         anonymous.is_server_live(client_timeout=5)
     assert err.value.status() == "StatusCode.UNAVAILABLE"
     anonymous.close()
-    with InferenceClient(mtls_server.url, tls_ca=pki.ca, tls_cert=pki.rogue_cert, tls_key=pki.rogue_key, timeout=5) as rogue:
+    with InferenceClient(
+        mtls_server.url, tls_ca=pki.ca, tls_cert=pki.rogue_cert, tls_key=pki.rogue_key, timeout=5
+    ) as rogue:
         with pytest.raises(grpc.RpcError) as rpc_err:
             rogue.server_live()
         assert rpc_err.value.code() is grpc.StatusCode.UNAVAILABLE
@@ -139,10 +152,10 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(mtls_server: Serve
 def test_tls_config_errors_name_the_problem(pki: Pki, embedding_artifact: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="tls_cert and tls_key must be given together"):
         make_config([embedding_artifact], tls_cert=str(pki.server_cert))
-    with pytest.raises(ConfigError, match="tls_client_ca .* needs tls_cert"):
+    with pytest.raises(ConfigError, match=r"tls_client_ca .* needs tls_cert"):
         make_config([embedding_artifact], tls_client_ca=str(pki.ca))
     bad = tmp_path / "garbage.pem"
     bad.write_text("not a certificate")
-    with pytest.raises(ConfigError, match="TLS"):
-        with serving(make_config([embedding_artifact], tls_cert=str(bad), tls_key=str(pki.server_key))):
-            pass
+    config = make_config([embedding_artifact], tls_cert=str(bad), tls_key=str(pki.server_key))
+    with pytest.raises(ConfigError, match=r"tls_cert .* is not a PEM certificate"), serving(config):
+        pass
