@@ -329,3 +329,23 @@ def test_outcome_values_in_queries_are_server_outcomes() -> None:
 
 def test_metric_name_check_can_fail() -> None:
     assert metric_names("rate(pruneserve_request_total[5m])") - server_families().keys() == {"pruneserve_request_total"}
+
+
+def test_standalone_prometheus_config_is_valid(tmp_path: Path) -> None:
+    """deploy/prometheus/prometheus.yml with the rules exported as its header says."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip(f"promtool is not installed; {INSTALL_HINT}")
+    source = K8S.parent / "prometheus" / "prometheus.yml"
+    config = yaml.safe_load(source.read_text(encoding="utf-8"))
+    assert config["scrape_configs"][0]["job_name"] == "pruneserve"
+    target = config["scrape_configs"][0]["static_configs"][0]["targets"][0]
+    assert target.endswith(f":{ServeConfig().metrics_port}")
+    shutil.copy(source, tmp_path / "prometheus.yml")
+    (tmp_path / "pruneserve.rules.yaml").write_text(
+        yaml.safe_dump({"groups": rule_groups(render("overlays/cpu"))}), encoding="utf-8"
+    )
+    result = subprocess.run(
+        [promtool, "check", "config", str(tmp_path / "prometheus.yml")], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
