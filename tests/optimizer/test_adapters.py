@@ -66,6 +66,23 @@ def test_plain_encoder_defaults_to_mean_pooling(
     assert "mean pooling" in caplog.text
 
 
+def test_transformer_in_a_subfolder(
+    tiny_model_dir: TinyModelFactory, tmp_path: Path, sample_texts: list[str]
+) -> None:
+    src = tiny_model_dir("distilbert", "embedding")
+    folder = _copy(src, tmp_path)
+    (folder / "0_Transformer").mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt", "tokenizer_config.json"):
+        (folder / name).rename(folder / "0_Transformer" / name)
+    modules = json.loads((folder / "modules.json").read_text())
+    modules[0]["path"] = "0_Transformer"
+    (folder / "modules.json").write_text(json.dumps(modules))
+    moved, original = load_model(folder), load_model(src)
+    batch = tokenize(original.tokenizer, sample_texts, None, 64, False)
+    with torch.no_grad():
+        assert torch.equal(moved.encoder(**batch), original.encoder(**batch))
+
+
 def test_tokenizer_padding_is_per_batch(tiny_model_dir: TinyModelFactory, sample_texts: list[str]) -> None:
     loaded = load_model(tiny_model_dir("roberta", "embedding"))
     batch = tokenize(loaded.tokenizer, sample_texts, None, 8, loaded.encoder.uses_token_type_ids)
