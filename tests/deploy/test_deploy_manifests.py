@@ -257,7 +257,11 @@ def test_optimizer_job_writes_where_the_server_reads() -> None:
     pod = job["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert container["args"][0] == "optimize"
-    out = container["args"][container["args"].index("--out") + 1]
+    from pruneserve.cli import build_parser
+
+    parsed = build_parser().parse_args(container["args"])  # the real CLI accepts these flags
+    out = str(parsed.out)
+    assert out == container["args"][container["args"].index("--out") + 1]
     server = render("overlays/cpu")
     server_pod = one(server, "Deployment", "pruneserve")["spec"]["template"]["spec"]
     claim = lambda spec: next(  # noqa: E731

@@ -115,14 +115,24 @@ class PromAPI:
             return response.status == 200
 
 
+QUALITY_FLOOR = 0.99
+
+
 @pytest.fixture
 def tiny_artifact(tmp_path: Path) -> Path:
+    """A tiny embedding artifact with a reference model of other random weights, so live
+    fidelity is far below the manifest's quality floor and the fidelity alert must trip."""
     sys.path.insert(0, str(REPO / "tests" / "server"))
     try:
         from tiny_artifacts import make_artifact
     finally:
         sys.path.remove(str(REPO / "tests" / "server"))
-    return make_artifact(tmp_path / "artifacts" / "tiny-embed", task="embedding", name=MODEL)
+    path = make_artifact(tmp_path / "artifacts" / "tiny-embed", task="embedding", name=MODEL, with_reference=True)
+    # manifest.json is not among the hashed files; the floor is what the optimizer would promise.
+    manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    manifest["quality_floor"] = QUALITY_FLOOR
+    (path / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    return path
 
 
 def _send_requests(grpc_port: int, count: int) -> list[float]:
@@ -203,7 +213,7 @@ def test_prometheus_scrapes_the_server_and_evaluates_the_rules(tmp_path: Path, t
         sys.executable, "-m", "pruneserve.cli", "serve", str(tiny_artifact),
         "--host", "127.0.0.1", "--grpc-port", str(grpc_port),
         "--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port),
-        "--threads", "1", "--max-queue-delay-ms", "1", "--grace-seconds", "5",
+        "--threads", "1", "--max-queue-delay-ms", "1", "--grace-seconds", "5", "--shadow-rate", "1",
     ]  # fmt: skip
     prom_cmd = [
         prometheus,
@@ -296,6 +306,22 @@ def _run_scenario(server: subprocess.Popen[bytes], prom_proc: subprocess.Popen[b
     alerts = {r["name"]: r for r in rules if r["type"] == "alerting"}
     assert alerts["PruneserveNoReadyPods"]["state"] == "inactive"  # the model is ready
     assert alerts["PruneserveHighErrorRatio"]["state"] == "inactive"  # not_found is the caller's error
+
+    # Live fidelity: every request was shadowed on the (very different) reference model, so
+    # the mean is under the manifest's floor and the alert is pending (its `for` not yet met).
+    _wait_for(
+        "shadow comparisons to be scraped",
+        lambda: api.query(f'pruneserve_live_fidelity_count{{model="{MODEL}"}} > 0'),
+        30,
+    )
+    assert _scalar(api.query(f'pruneserve_quality_floor{{model="{MODEL}"}}')) == QUALITY_FLOOR
+
+    def fidelity_alert_state() -> str | None:
+        rules = [r for g in api.get("/api/v1/rules")["groups"] for r in g["rules"]]
+        state = next(r["state"] for r in rules if r["name"] == "PruneserveLiveFidelityBelowFloor")
+        return state if state != "inactive" else None
+
+    assert _wait_for("the live-fidelity alert to trip", fidelity_alert_state, 30) == "pending"
     _wait_for(
         "the recording rules to produce series",
         lambda: api.query(f'pruneserve:requests:rate5m{{model="{MODEL}",outcome="success"}} > 0')
