@@ -156,8 +156,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if isinstance(exc, ServerError):
             code = _status_code(exc)
             extra["code"] = code.name
-            # Caller mistakes are routine (the data plane logs and counts them): DEBUG, no traceback.
-            level = logging.ERROR if code is grpc.StatusCode.INTERNAL else logging.DEBUG
+            # The one log line per refused RPC (the data plane only counts them): caller mistakes
+            # are routine, so INFO without a traceback; only INTERNAL is an ERROR.
+            level = logging.ERROR if code is grpc.StatusCode.INTERNAL else logging.INFO
             logger.log(level, "%s %s -> %s: %s", method, rid, code.name, exc, extra=extra)
             await context.abort(code, str(exc))
         extra["code"] = "INTERNAL"

@@ -272,3 +272,15 @@ def test_client_request_ids_cannot_forge_or_flood_log_lines() -> None:
     assert rid.startswith("abcERROR forged line") and "\n" not in rid and "\r" not in rid
     assert len(rid) == MAX_REQUEST_ID_CHARS and REQUEST_ID.get() == rid
     assert len(bind_request_id("")) == 16  # none given: a fresh one
+
+
+def test_each_refusal_is_logged_once_with_its_request_id(
+    stub: pb_grpc.GRPCInferenceServiceStub, caplog: pytest.LogCaptureFixture
+) -> None:
+    request = texts_request([b"hello"], model="nope")
+    request.id = "refused-1"
+    with caplog.at_level(logging.INFO), pytest.raises(grpc.RpcError):
+        stub.ModelInfer(request, timeout=30)
+    lines = [r for r in caplog.records if "refused-1" in r.getMessage() and r.levelno >= logging.INFO]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    assert (lines[0].request_id, lines[0].code, lines[0].levelname) == ("refused-1", "NOT_FOUND", "INFO")
