@@ -410,13 +410,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         tasks: set[asyncio.Task[None]] = set()
 
         async def answer(message: pb.ModelInferRequest) -> None:
-            bind_request_id(message.id)
+            rid = bind_request_id(message.id)
             try:
                 reply = pb.ModelStreamInferResponse(infer_response=await self._infer(message, deadline))
             except ServerError as exc:
+                # Per-message failures never reach the interceptor: log them here, once.
+                logger.info(
+                    "stream request %s -> %s: %s", rid, exc.code, exc,
+                    extra={"request_id": rid, "model": message.model_name, "code": exc.code},
+                )  # fmt: skip
                 reply = self._stream_error(message, str(exc))
             except Exception:
-                logger.exception("stream request failed", extra={"request_id": message.id, "model": message.model_name})
+                logger.exception(
+                    "stream request %s failed", rid, extra={"request_id": rid, "model": message.model_name}
+                )
                 reply = self._stream_error(message, "internal error; the server log has the details")
             await answers.put(reply)
 
