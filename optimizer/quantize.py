@@ -397,14 +397,14 @@ def _quantize_to_floor(
         return result
     if not config.sensitivity_fallback or config.max_excluded_nodes == 0:
         raise QuantizationError(
-            f"{mode} INT8 quality {result.quality:.4f} is under the floor {quality_floor:.4f} and the "
+            f"{mode} INT8 quality {result.quality:.4f} is under the floor {quality_floor} and the "
             "sensitivity fallback is off; enable it (quantize.sensitivity_fallback), lower "
             "--quality-floor, prune less, or use --quantize none"
         )
 
     candidates = quantizable_nodes(src, mode)
     logger.warning(
-        "quantize: quality %.4f < floor %.4f; measuring the sensitivity of %d nodes",
+        "quantize: quality %.4f < floor %s; measuring the sensitivity of %d nodes",
         result.quality, quality_floor, len(candidates),
     )
     for name in candidates:
@@ -425,7 +425,7 @@ def _quantize_to_floor(
     best = max(result.attempts, key=lambda a: a["quality"])
     out.unlink(missing_ok=True)
     raise QuantizationError(
-        f"{mode} INT8 could not reach the quality floor {quality_floor:.4f}: all nodes quantized gave "
+        f"{mode} INT8 could not reach the quality floor {quality_floor}: all nodes quantized gave "
         f"{result.attempts[0]['quality']:.4f}; keeping up to {limit} of the {len(ranked)} most sensitive "
         f"nodes in float gave at best {best['quality']:.4f} (kept {best['excluded']}). Lower "
         "--quality-floor, prune less (--preset light), raise quantize.max_excluded_nodes, or use "
@@ -436,6 +436,6 @@ def _quantize_to_floor(
 def _check_floor_no_fallback(result: QuantizeResult, floor: float | None) -> None:
     if floor is not None and result.quality is not None and result.quality < floor:
         raise QuantizationError(
-            f"{result.mode} quality {result.quality:.4f} is under the floor {floor:.4f}; "
+            f"{result.mode} quality {result.quality:.4f} is under the floor {floor}; "
             "lower --quality-floor or use --quantize none"
         )

@@ -221,7 +221,7 @@ def require_floor(quality: Quality, floor: float | None, stage: str, data_source
     if floor is not None and not quality.score >= floor:
         raise ValidationError(
             f"{stage} quality {quality.score:.4f} ({quality.describe()}) on {quality.examples} held-out "
-            f"examples from {data_source} is under the quality floor {floor:.4f}; prune less "
+            f"examples from {data_source} is under the quality floor {floor}; prune less "
             "(--preset light or a smaller --heads), quantize less (--quantize none), or lower --quality-floor"
         )
 
