@@ -160,8 +160,6 @@ class ServeConfig:
                 )
             if Path(self.capture_path).is_dir():
                 raise ConfigError(f"capture_path {self.capture_path!r} is a folder; give a file path such as {self.capture_path}/drift.jsonl")
-            if self.shadow_rate == 0:
-                logger.warning("capture_path is set but shadow_rate is 0: nothing is compared, so nothing is captured")
         if self.max_sequence_length is not None:
             _check_int("max_sequence_length", self.max_sequence_length, 2, 1_000_000, "e.g. 512, or omit")
         if not self.providers:

@@ -327,6 +327,8 @@ class DataPlane:
     def _start_shadow(self) -> None:
         """Start the live-fidelity comparator when sampling is on and some model has a reference."""
         if self.config.shadow_rate <= 0:
+            if self.config.capture_path:
+                logger.warning("capture_path is set but shadow_rate is 0: nothing is compared, so nothing is captured")
             return
         shadowed = [f"{rt.name}:{rt.version}" for rt in self.repository.runtimes() if rt.reference is not None]
         if not shadowed:
