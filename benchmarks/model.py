@@ -20,12 +20,10 @@ embedding alone vs in a padded batch), FLOPs left, and the share of the int8 cei
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import os
 import shutil
-import subprocess
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +41,6 @@ from benchmarks._common import (
     median,
     ort_session,
     percentile,
-    python_exe,
     shaped_batch,
     tokenize,
     write_rows,
@@ -220,6 +217,12 @@ def quantize_original(src: Path, dst: Path) -> None:
     )
 
 
+def baseline_cache(cfg: BenchConfig, model_dir: Path) -> Path:
+    """Where the original's ONNX baselines are cached: one folder per model folder."""
+    digest = hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:10]
+    return cfg.out_dir / "artifacts" / "baselines" / f"{model_dir.resolve().name}-{digest}"
+
+
 def baseline_models(model_dir: Path, cache: Path) -> dict[str, Path]:
     """Export, fuse and quantize the original once; cached under ``cache`` by model folder."""
     cache.mkdir(parents=True, exist_ok=True)
@@ -308,29 +311,18 @@ def build_artifacts(cfg: BenchConfig) -> tuple[dict[str, Path], list[str]]:
                 shutil.rmtree(dest)
             dest.parent.mkdir(parents=True, exist_ok=True)
             cmd = [python_exe(), "-m", "pruneserve.cli", "optimize", "--preset", preset, "--out", str(dest)]
-            logger.info("building artifact: %s", " ".join(cmd))
-            t0 = time.perf_counter()
+            from benchmarks.optimizer_bench import run_optimize
+
             try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=_offline_env())
-            except subprocess.TimeoutExpired:
-                notes.append(f"`pruneserve optimize --preset {preset}` timed out after 1 h; its rows are skipped.")
+                record = run_optimize(preset, dest, timeout=3600)
+            except BenchmarkError as exc:
+                notes.append(f"{exc}; its rows are skipped.")
                 continue
-            if proc.returncode != 0 or not (dest / "manifest.json").is_file():
-                tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
-                notes.append(
-                    f"`pruneserve optimize --preset {preset}` failed (exit {proc.returncode}: {tail[0][:200]}); "
-                    "its rows are skipped."
-                )
-                continue
-            logger.info("built %s in %.0f s", dest, time.perf_counter() - t0)
+            # Kept beside the artifact so a quick run can report the build's cost without rebuilding.
+            (cfg.artifact_cache / f"{preset}.build.json").write_text(json.dumps(record, indent=2) + "\n")
+            logger.info("built %s in %.0f s", dest, record["wall_s"])
         out[f"pruneserve-{preset}"] = dest
     return out, notes
-
-
-def _offline_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return env
 
 
 def artifact_manifest(path: Path) -> dict[str, Any]:
@@ -366,18 +358,20 @@ def batch_invariance(rt: Runtime, batch: TokenBatch, rows: int) -> float:
     return worst
 
 
-def run_model_bench(cfg: BenchConfig, ceilings: Ceilings | None = None) -> ModelBenchResult:
-    """Build every runtime, time both shapes interleaved, measure quality; write model.csv/json."""
+def run_model_bench(
+    cfg: BenchConfig, ceilings: Ceilings | None = None, artifacts: dict[str, Path] | None = None
+) -> ModelBenchResult:
+    """Build every runtime, time both shapes interleaved, measure quality; write model.csv/json.
+
+    ``artifacts`` (label -> folder) defaults to :func:`build_artifacts`.
+    """
     from tokenizers import Tokenizer
 
     model_dir = cfg.model_dir or default_model_dir()
     notes: list[str] = []
     corpus = load_corpus()
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    cache = cfg.out_dir / "artifacts" / "baselines" / model_dir.resolve().name
-    if cfg.model_dir is not None:
-        cache = cfg.out_dir / "artifacts" / "baselines" / f"custom-{abs(hash(str(model_dir.resolve()))) % 10**8}"
-    baselines = baseline_models(model_dir, cache)
+    baselines = baseline_models(model_dir, baseline_cache(cfg, model_dir))
 
     runtimes: list[Runtime] = [torch_runtime(model_dir, cfg.threads)]
     runtimes.append(ort_runtime("ort-fp32", baselines["ort-fp32"], cfg.threads, note="plain export, no fusion"))
@@ -392,8 +386,9 @@ def run_model_bench(cfg: BenchConfig, ceilings: Ceilings | None = None) -> Model
             note="unpruned, fused + quantize_dynamic per-channel int8 (Optimum O2 + dynamic INT8 recipe)",
         )
     )
-    artifacts, art_notes = build_artifacts(cfg)
-    notes += art_notes
+    if artifacts is None:
+        artifacts, art_notes = build_artifacts(cfg)
+        notes += art_notes
     for label, path in artifacts.items():
         man = artifact_manifest(path)
         runtimes.append(
@@ -459,13 +454,18 @@ def run_model_bench(cfg: BenchConfig, ceilings: Ceilings | None = None) -> Model
 
 
 def _artifact_note(man: dict[str, Any]) -> str:
+    """A short description from the manifest: heads and FFN kept, quantization mode."""
     parts = []
-    q = man.get("quantization") or {}
-    if q:
-        parts.append(str(q.get("mode") or q.get("method") or q.get("scheme") or "quantized"))
     p = man.get("pruning") or {}
-    for key in ("heads_kept", "kept_heads", "head_fraction", "sparsity"):
-        if key in p:
-            parts.append(f"{key}={p[key]}")
+    heads = p.get("kept_heads_per_layer")
+    if heads:
+        total = int(p.get("heads_original_per_layer", 0)) * len(heads)
+        parts.append(f"heads {sum(heads)}/{total}" if total else f"heads {heads}")
+    ffn = p.get("ffn_sizes_per_layer")
+    if ffn and p.get("ffn_size_original"):
+        parts.append(f"FFN {sum(ffn)}/{int(p['ffn_size_original']) * len(ffn)}")
+    q = man.get("quantization") or {}
+    if q.get("mode"):
+        parts.append(f"{q['mode']}{' per-channel' if q.get('per_channel') else ''}")
+    parts.append("batch-invariant" if man.get("batch_invariant", True) else "not batch-invariant")
     return ", ".join(parts)
-

@@ -1,0 +1,242 @@
+"""Markdown tables for BENCHMARKS.md, each written between its own pair of markers.
+
+A section looks like ``<!-- bench:model:start -->`` ... ``<!-- bench:model:end -->``; only the
+sections of benchmarks that ran are replaced, so ``--only server`` keeps the model tables.
+Every table puts the ratios side by side and each target next to the measured ratio; where we
+are behind, a sentence says so and why (computed from the same measurements).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.server import CONCURRENCIES, TARGETS
+
+SECTIONS: tuple[str, ...] = ("machine", "model", "server", "optimizer", "scaling")
+
+
+def _start(name: str) -> str:
+    return f"<!-- bench:{name}:start -->"
+
+
+def _end(name: str) -> str:
+    return f"<!-- bench:{name}:end -->"
+
+
+def update_markdown(path: Path, sections: Mapping[str, str]) -> Path:
+    """Replace each named section's body between its markers (appending missing sections)."""
+    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
+    for name, body in sections.items():
+        if name not in SECTIONS:
+            raise ValueError(f"unknown section {name!r}; known: {SECTIONS}")
+        block = f"{_start(name)}\n{body.rstrip()}\n{_end(name)}"
+        pattern = re.compile(re.escape(_start(name)) + r".*?" + re.escape(_end(name)), re.DOTALL)
+        if pattern.search(text):
+            text = pattern.sub(lambda _m: block, text, count=1)
+        else:
+            text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _f(v: Any, digits: int = 1) -> str:
+    if v is None or v == "" or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _x(v: Any) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}x"
+
+
+def _sci(v: float) -> str:
+    return "0" if v == 0 else f"{v:.0e}"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def machine_section(info: Mapping[str, Any]) -> str:
+    pkgs = ", ".join(f"{k} {v}" for k, v in info.get("packages", {}).items())
+    return "\n".join(
+        [
+            f"- **Machine:** {info.get('cpu')}, {info.get('cores')} cores; {info.get('os')}; Python {info.get('python')}",
+            f"- **Date:** {info.get('date')}",
+            f"- **Packages:** {pkgs}",
+            f"- **Command:** `{info.get('command')}`",
+        ]
+    )
+
+
+def model_section(rows: Sequence[Mapping[str, Any]], ceilings: Mapping[str, Any] | None, notes: Sequence[str]) -> str:
+    """One row per runtime: both shapes, ratios to PyTorch and to the ORT INT8 peer, quality, FLOPs."""
+    by = {(r["runtime"], r["shape"]): r for r in rows}
+    names = list(dict.fromkeys(r["runtime"] for r in rows))
+    body = []
+    for n in names:
+        a, b = by.get((n, "b1x32")), by.get((n, "b32x128"))
+        if a is None or b is None:
+            continue
+        body.append(
+            [
+                f"`{n}`",
+                _f(a["median_ms"], 2),
+                _x(a["speedup_vs_pytorch"]),
+                _x(a["speedup_vs_ort_int8"]),
+                _f(b["median_ms"], 0),
+                _f(b["texts_per_s"], 0),
+                _x(b["speedup_vs_pytorch"]),
+                _x(b["speedup_vs_ort_int8"]),
+                f"{a['fidelity_mean']:.4f} ({a['fidelity_min']:.3f})",
+                _sci(a["batch_invariance_max_abs"]),
+                _f(b["gflop"], 1),
+                f"{100 * b['share_int8_ceiling']:.0f}%",
+            ]
+        )
+    parts = [
+        table(
+            ["runtime", "b1x32 ms", "vs PyTorch", "vs ORT INT8", "b32x128 ms", "texts/s", "vs PyTorch",
+             "vs ORT INT8", "fidelity mean (min)", "alone vs batched", "GFLOP b32x128", "of int8 ceiling"],
+            body,
+        )  # fmt: skip
+    ]
+    if ceilings:
+        m, k, n = ceilings["shape"]
+        parts.append(
+            f"\nCeilings on this machine, same run, ONNX Runtime, {ceilings['threads']} threads ({m}x{k} @ {k}x{n}): "
+            f"fp32 MatMul **{ceilings['fp32_gflops']:.0f} GFLOP/s**, int8 MatMulInteger "
+            f"**{ceilings['int8_gops']:.0f} GOP/s**. \"of int8 ceiling\" = the model's FLOPs / its median "
+            "b32x128 time / the int8 ceiling."
+        )
+    parts.append(
+        "\nFidelity: mean (min) cosine to the PyTorch fp32 original over real sentences from the default "
+        "corpus (the optimizer's calibration domain; quality on other domains is lower, see the optimizer "
+        "report). Alone vs batched: max |change| of a text's embedding computed alone vs padded in a "
+        "batch of 16."
+    )
+    parts += _model_verdicts(by, names)
+    if notes:
+        parts.append("\nNotes:\n" + "\n".join(f"- {n}" for n in notes))
+    return "\n".join(parts)
+
+
+def _model_verdicts(by: Mapping[tuple[str, str], Mapping[str, Any]], names: Sequence[str]) -> list[str]:
+    """Plain words: for each artifact, is it ahead of the unpruned INT8 peer, and if not, why."""
+    out: list[str] = []
+    peer = by.get(("ort-int8-dynamic", "b32x128"))
+    for n in names:
+        if not n.startswith("pruneserve-"):
+            continue
+        for shape in ("b1x32", "b32x128"):
+            r = by.get((n, shape))
+            if r is None or peer is None:
+                continue
+            ratio = r["speedup_vs_ort_int8"]
+            if ratio >= 1.0:
+                continue
+            pr = by[("ort-int8-dynamic", shape)]
+            flops_left = r["gflop"] / pr["gflop"]
+            why = (
+                f"it keeps {100 * flops_left:.0f}% of the peer's FLOPs but reaches "
+                f"{100 * r['share_int8_ceiling']:.0f}% of the int8 ceiling against the peer's "
+                f"{100 * pr['share_int8_ceiling']:.0f}%"
+            )
+            if flops_left > 0.9:
+                why += " (little was pruned, so there is little to gain)"
+            elif r["share_int8_ceiling"] < pr["share_int8_ceiling"]:
+                why += " (smaller, ragged matrices use the cores less well)"
+            out.append(f"- **Behind:** `{n}` at {shape} runs at {ratio:.2f}x the unpruned ORT INT8 peer: {why}.")
+    if out:
+        out.insert(0, "")
+    return out
+
+
+def server_section(rows: Sequence[Mapping[str, Any]], notes: Sequence[str]) -> str:
+    """Throughput/latency per server and concurrency, then each target beside the measured ratio."""
+    body = [
+        [
+            r["server"], str(r["concurrency"]), _f(r["throughput_infer_s"], 1), _f(r["p50_ms"], 2), _f(r["p99_ms"], 2),
+            _f(r.get("mean_batch_size"), 2), f"{100 * r['vs_inprocess']:.0f}%" if not math.isnan(r["vs_inprocess"]) else "–",
+            _x(r["vs_triton"]), _x(r["p99_vs_triton"]), "yes" if r.get("stable") else "no",
+        ]
+        for r in rows
+    ]  # fmt: skip
+    parts = [
+        table(
+            ["server", "concurrency", "texts/s", "p50 ms", "p99 ms", "mean batch", "of in-process", "vs Triton",
+             "p99 vs Triton", "stable"],
+            body,
+        )  # fmt: skip
+    ]
+    if rows:
+        r0 = rows[0]
+        parts.append(
+            f"\nArtifact `{r0.get('artifact')}`; every server: {r0.get('threads')} ONNX Runtime threads, max batch "
+            f"{r0.get('max_batch_size')}, max queue delay {r0.get('max_queue_delay_ms')} ms, 127.0.0.1. Load: "
+            "perf_analyzer (tritonclient 2.50.0 wheel) over gRPC, one real sentence per request. Mean batch = the "
+            "server's own counters (inferences / executions). In-process = the same texts in full batches of "
+            "`concurrency`, tokenized and run straight through ONNX Runtime."
+        )
+    parts.append("\n" + targets_table(rows))
+    if notes:
+        parts.append("\nNotes:\n" + "\n".join(f"- {n}" for n in notes))
+    return "\n".join(parts)
+
+
+def targets_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    by = {(r["server"], r["concurrency"]): r for r in rows}
+    ps16, ps1 = by.get(("pruneserve", max(CONCURRENCIES))), by.get(("pruneserve", min(CONCURRENCIES)))
+    body: list[list[str]] = []
+
+    def verdict(ok: bool | None) -> str:
+        return "–" if ok is None else ("met" if ok else "**behind**")
+
+    v = ps16["vs_inprocess"] if ps16 else float("nan")
+    body.append([f"throughput at c={max(CONCURRENCIES)} vs in-process", f">= {TARGETS['vs_inprocess_c16']:.0%}",
+                 f"{v:.0%}" if not math.isnan(v) else "–", verdict(None if math.isnan(v) else v >= TARGETS["vs_inprocess_c16"])])  # fmt: skip
+    t = ps16["vs_triton"] if ps16 else float("nan")
+    p = ps16["p99_vs_triton"] if ps16 else float("nan")
+    ok = None if math.isnan(t) else (t >= TARGETS["vs_triton_c16"] and p < 1.0)
+    body.append([f"throughput at c={max(CONCURRENCIES)} vs Triton, with lower p99", f">= {TARGETS['vs_triton_c16']:.1f}x, p99 < 1.00x",
+                 f"{_x(t)}, p99 {_x(p)}", verdict(ok)])  # fmt: skip
+    d = ps1["p50_over_inprocess_ms"] if ps1 else float("nan")
+    body.append([f"p50 at c={min(CONCURRENCIES)} over in-process", f"<= {TARGETS['p50_over_inprocess_c1_ms']:.0f} ms",
+                 f"{d:+.2f} ms" if not math.isnan(d) else "–", verdict(None if math.isnan(d) else d <= TARGETS["p50_over_inprocess_c1_ms"])])  # fmt: skip
+    return "Targets (issue 4):\n\n" + table(["target", "required", "measured", "verdict"], body)
+
+
+def optimizer_section(rows: Sequence[Mapping[str, Any]], notes: Sequence[str]) -> str:
+    body = [[r["stage"], _f(r["seconds"], 1), _f(r.get("peak_rss_mb") or None, 0)] for r in rows]
+    parts = [table(["stage", "seconds", "peak RSS MiB (process tree)"], body)]
+    if rows:
+        parts.append(f"\nCommand: `{rows[0].get('command')}` on the default model (all-MiniLM-L6-v2).")
+    if notes:
+        parts.append("\nNotes:\n" + "\n".join(f"- {n}" for n in notes))
+    return "\n".join(parts)
+
+
+def scaling_section(rows: Sequence[Mapping[str, Any]], png: str, notes: Sequence[str]) -> str:
+    names = list(dict.fromkeys(r["runtime"] for r in rows))
+    points = list(dict.fromkeys((r["sweep"], r["batch"], r["seq"]) for r in rows))
+    by = {(r["runtime"], r["sweep"], r["batch"], r["seq"]): r for r in rows}
+    body = []
+    for sweep, b, s in points:
+        cells = [f"b{b}x{s}"]
+        for n in names:
+            r = by.get((n, sweep, b, s))
+            cells.append("–" if r is None else f"{r['median_ms']:.1f} ({_x(r['speedup_vs_pytorch'])})")
+        body.append(cells)
+    parts = [f"![latency vs sequence length and batch size]({png})", "",
+             "Median ms (speed-up vs PyTorch fp32):", "", table(["shape", *[f"`{n}`" for n in names]], body)]  # fmt: skip
+    if notes:
+        parts.append("\nNotes:\n" + "\n".join(f"- {n}" for n in notes))
+    return "\n".join(parts)

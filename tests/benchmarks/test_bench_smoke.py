@@ -1,0 +1,175 @@
+"""The benchmark harness runs end to end on a tiny model, so it cannot rot.
+
+No timing is asserted (benchmarks measure, tests check): only that every output file is
+written with its columns, that the quality measures mean what they say (the reference vs
+itself has fidelity 1 and is batch-invariant; a quantized graph is not bit-identical), that the
+FLOP count matches the arithmetic, and that BENCHMARKS.md sections are replaced in place.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# `benchmarks` is a top-level folder of the repository, not an installed package: `python -m
+# pytest` (make test) has the root on sys.path already, a bare `pytest` does not.
+_ROOT = str(Path(__file__).resolve().parents[2])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from benchmarks import tables  # noqa: E402
+from benchmarks.__main__ import run  # noqa: E402
+from benchmarks._common import BenchConfig, default_model_dir  # noqa: E402
+from benchmarks.ceilings import model_flops  # noqa: E402
+from benchmarks.model import export_original  # noqa: E402
+from benchmarks.optimizer_bench import find_stage_timings  # noqa: E402
+from pruneserve.artifact import Manifest, OutputSpec, write_artifact  # noqa: E402
+
+HIDDEN, LAYERS, HEADS, FFN = 32, 2, 4, 64
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer BERT saved like a Hugging Face folder, with the default model's tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=30522, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        intermediate_size=FFN, max_position_embeddings=512,
+    )  # fmt: skip
+    transformers.BertModel(config, add_pooling_layer=False).eval().save_pretrained(folder)
+    shutil.copy(default_model_dir() / "tokenizer.json", folder / "tokenizer.json")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An fp32 artifact of the tiny model written through the real artifact writer."""
+    work = tmp_path_factory.mktemp("tiny-artifact")
+    onnx_path = export_original(tiny_model, work / "model.onnx")
+    manifest = Manifest(
+        name="tiny",
+        task="embedding",
+        inputs=["input_ids", "attention_mask", "token_type_ids"],
+        outputs=[OutputSpec("embedding", [HIDDEN])],
+        max_sequence_length=512,
+    )
+    out = work / "artifact"
+    write_artifact(out, manifest, {"model.onnx": onnx_path, "tokenizer.json": tiny_model / "tokenizer.json"})
+    return out
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_model_and_scaling_end_to_end(tiny_model: Path, tiny_artifact: Path, tmp_path: Path) -> None:
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# B\n\nprose stays\n\n<!-- bench:model:start -->\nold\n<!-- bench:model:end -->\n")
+    cfg = BenchConfig(
+        mode="quick", out_dir=tmp_path / "results", only=("model", "scaling"), threads=1,
+        model_dir=tiny_model, artifacts={"pruneserve-tiny": tiny_artifact}, command="pytest smoke",
+    )  # fmt: skip
+    assert run(cfg, md) == 0
+
+    rows = _read_csv(cfg.out_dir / "model.csv")
+    runtimes = {r["runtime"] for r in rows}
+    assert {"pytorch-fp32", "ort-fp32", "ort-fp32-fused", "ort-int8-dynamic", "pruneserve-tiny"} <= runtimes
+    assert {r["shape"] for r in rows} == {"b1x32", "b32x128"}
+    for col in ("median_ms", "fidelity_mean", "fidelity_min", "batch_invariance_max_abs", "gflop",
+                "share_int8_ceiling", "speedup_vs_pytorch", "speedup_vs_ort_int8"):  # fmt: skip
+        assert all(r[col] != "" for r in rows), col
+    by = {(r["runtime"], r["shape"]): r for r in rows}
+    ref = by[("pytorch-fp32", "b1x32")]
+    assert float(ref["fidelity_mean"]) == pytest.approx(1.0, abs=1e-9)
+    assert float(ref["speedup_vs_pytorch"]) == pytest.approx(1.0)
+    assert float(ref["batch_invariance_max_abs"]) < 1e-4
+    # The fp32 exports compute the same function as the original.
+    for name in ("ort-fp32", "ort-fp32-fused", "pruneserve-tiny"):
+        assert float(by[(name, "b1x32")]["fidelity_mean"]) > 0.9999, name
+    # Dynamic INT8 is a different, approximate computation: not bit-identical to the original.
+    assert float(by[("ort-int8-dynamic", "b1x32")]["fidelity_min"]) < 1.0
+    assert float(by[("pruneserve-tiny", "b32x128")]["gflop"]) > float(by[("pruneserve-tiny", "b1x32")]["gflop"])
+    json_rows = json.loads((cfg.out_dir / "model.json").read_text())
+    assert len(json_rows) == len(rows)
+    ceilings = json.loads((cfg.out_dir / "ceilings.json").read_text())
+    assert ceilings["fp32_gflops"] > 0 and ceilings["int8_gops"] > 0
+
+    scaling = _read_csv(cfg.out_dir / "scaling.csv")
+    assert {r["sweep"] for r in scaling} == {"seq", "batch"}
+    assert {"pytorch-fp32", "pruneserve-tiny"} <= {r["runtime"] for r in scaling}
+    assert (cfg.out_dir / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    text = md.read_text()
+    assert "prose stays" in text and "old" not in text
+    assert "`pruneserve-tiny`" in text and "<!-- bench:scaling:start -->" in text
+    assert "pytest smoke" in text  # the machine section records the exact command
+
+
+def test_model_flops_match_the_arithmetic(tiny_artifact: Path) -> None:
+    batch, seq = 2, 16
+    per_token = LAYERS * 2 * (4 * HIDDEN * HIDDEN + 2 * HIDDEN * FFN)
+    attention = LAYERS * batch * 4 * seq * seq * HIDDEN
+    assert model_flops(tiny_artifact / "model.onnx", batch, seq) == batch * seq * per_token + attention
+
+
+def test_update_markdown_replaces_only_named_sections(tmp_path: Path) -> None:
+    md = tmp_path / "B.md"
+    md.write_text("intro\n<!-- bench:server:start -->\nS\n<!-- bench:server:end -->\ntail\n")
+    tables.update_markdown(md, {"model": "M1"})
+    tables.update_markdown(md, {"model": "M2"})
+    text = md.read_text()
+    assert text.count("<!-- bench:model:start -->") == 1 and "M2" in text and "M1" not in text
+    assert "\nS\n" in text and text.startswith("intro") and "tail" in text
+    with pytest.raises(ValueError, match="unknown section"):
+        tables.update_markdown(md, {"nope": "x"})
+
+
+def test_server_targets_verdicts() -> None:
+    rows = []
+    for c in (1, 4, 16):
+        rows += [
+            {"server": "in-process", "concurrency": c, "throughput_infer_s": 100.0, "p50_ms": 5.0, "p99_ms": 9.0},
+            {"server": "pruneserve", "concurrency": c, "throughput_infer_s": 95.0, "p50_ms": 5.5, "p99_ms": 8.0},
+            {"server": "triton", "concurrency": c, "throughput_infer_s": 70.0, "p50_ms": 7.0, "p99_ms": 12.0},
+        ]
+    from benchmarks.server import _add_ratios
+
+    _add_ratios(rows)
+    text = tables.targets_table(rows)
+    assert "95%" in text and "1.36x" in text and "+0.50 ms" in text
+    assert "**behind**" not in text
+    rows[-2]["throughput_infer_s"] = 80.0  # pruneserve at c=16 drops to 80% of in-process
+    _add_ratios(rows)
+    assert "**behind**" in tables.targets_table(rows)
+
+
+def test_stage_timings_are_found_anywhere_in_the_manifest() -> None:
+    manifest = {"name": "m", "pruning": {"stages": [{"name": "load", "seconds": 1.5, "peak_rss_mb": 300.0},
+                                                   {"name": "prune", "seconds": 20, "peak_rss_mb": 900.0}]}}
+    assert find_stage_timings(manifest) == [
+        {"stage": "load", "seconds": 1.5, "peak_rss_mb": 300.0},
+        {"stage": "prune", "seconds": 20.0, "peak_rss_mb": 900.0},
+    ]
+    legacy = {"config": {"stage_seconds": {"score": 1.5}}}
+    assert find_stage_timings(legacy) == [{"stage": "score", "seconds": 1.5, "peak_rss_mb": None}]
+    assert find_stage_timings({"latency": {"p50": "fast"}, "stages": ["x"]}) == []
+
+
+def test_batch_row_drops_padding() -> None:
+    from benchmarks._common import TokenBatch
+
+    ids = np.array([[101, 7, 102, 0], [101, 8, 9, 102]])
+    mask = (ids != 0).astype(np.int64)
+    b = TokenBatch(ids, mask, np.zeros_like(ids), ("a", "b"))
+    assert b.row(0).input_ids.tolist() == [[101, 7, 102]] and b.row(1).shape == (1, 4)
