@@ -94,10 +94,9 @@ def test_dockerfile_is_multi_stage_pinned_and_non_root(name: str) -> None:
             continue
         tag = image.rsplit(":", 1)[1]
         assert tag != "latest" and re.search(r"\d+\.\d+\.\d+", tag), f"{name}: base image {image} is not pinned"
-    final = stages[-1] if name == "optimizer" else next(s for s in stages if s[0][1].endswith(" AS server"))
-    users = [rest for word, rest in final if word == "USER"] or [
-        rest for s in stages for word, rest in s if word == "USER"
-    ]
+    # The runtime stage (`server`, which `server-baked` extends, or `optimizer`) drops root.
+    runtime = next(s for s in stages if s[0][1].endswith((" AS server", " AS optimizer")))
+    users = [rest for word, rest in runtime if word == "USER"]
     assert users and users[-1] == "10001:10001"
     pod_user = one(render("overlays/cpu"), "Deployment")["spec"]["template"]["spec"]["securityContext"]["runAsUser"]
     assert int(users[-1].split(":")[0]) == pod_user
