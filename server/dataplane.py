@@ -7,6 +7,9 @@ method here, and maps :class:`~pruneserve.server.errors.ServerError` subclasses 
 One request's path: :meth:`DataPlane.infer` -> :meth:`ModelRuntime.prepare` (validate and
 tokenize, in a small thread pool) -> :class:`DynamicBatcher` (queue, length bucket, deadline)
 -> :meth:`ModelRuntime.execute` (worker thread, engine run) -> :meth:`ModelRuntime.make_outputs`.
+With ``shadow_rate > 0``, a sample of answered requests is then handed (non-blocking) to the
+:class:`~pruneserve.server.shadow.ShadowComparator`, which measures live fidelity against the
+artifact's reference model on its own low-priority thread.
 """
 
 from __future__ import annotations
