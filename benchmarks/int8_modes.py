@@ -62,17 +62,30 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=300, help="calibration texts")
     parser.add_argument("--eval", type=int, default=256, help="held-out texts for fidelity")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument(
+        "--ort-floor", type=float, default=None,
+        help="also run quantize_static_int8(method='ort') to this floor (calibration choices, sensitivity exclusions)",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "int8_modes.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from pruneserve.optimizer.adapters import load_model
+    from pruneserve.optimizer.errors import QuantizationError
     from pruneserve.optimizer.engines import ONNXRUNTIME, OPENVINO_F32, available_engines, openvino_runner, time_interleaved
     from pruneserve.optimizer.export import export_onnx
     from pruneserve.optimizer.fusion import fuse
     from pruneserve.optimizer.quantize import quantize_dynamic_int8
-    from pruneserve.optimizer.static_int8 import batch_invariance, mean_cosine, ort_runner, quantize_nncf, quantize_ort
+    from pruneserve.optimizer.static_int8 import (
+        StaticInt8Config,
+        batch_invariance,
+        mean_cosine,
+        ort_runner,
+        quantize_nncf,
+        quantize_ort,
+        quantize_static_int8,
+    )
 
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -119,6 +132,25 @@ def main() -> None:
 
     reference = [ort_runner(fp32, args.threads)(f) for f in evals]
     reference_b32 = ort_runner(fp32, args.threads)(b32)
+    if args.ort_floor is not None:
+        searched = work / f"ort_static_floor{args.ort_floor}.onnx"
+        meta = work / f"ort_static_floor{args.ort_floor}.json"
+        if not searched.exists():
+            t = time.perf_counter()
+            try:
+                result = quantize_static_int8(
+                    fp32, searched, calib, evals, reference, args.ort_floor, method="ort",
+                    config=StaticInt8Config(ort_calibrations=("minmax", "percentile"), max_excluded=16, threads=args.threads),
+                )
+                record: dict[str, Any] = {"settings": result.settings, "tried": result.tried}
+            except QuantizationError as exc:
+                record = {"error": str(exc)}
+            build[f"ORT static search to {args.ort_floor}"] = time.perf_counter() - t
+            meta.write_text(json.dumps(record, default=str), encoding="utf-8")
+        settings["ort_search"] = json.loads(meta.read_text(encoding="utf-8"))
+        if searched.exists():
+            excluded = settings["ort_search"]["settings"].get("excluded", 0)
+            graphs[f"ORT static INT8 searched ({excluded} MatMul kept fp32)"] = searched
     engines = available_engines()
     runners: dict[str, Any] = {}
     rows: dict[str, dict[str, Any]] = {}
@@ -138,7 +170,8 @@ def main() -> None:
                 }
                 runners[key] = run
             except Exception as exc:  # OpenVINO cannot read ORT contrib ops (fused graphs)
-                rows[key] = {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"}
+                lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+                rows[key] = {"error": " ".join(ln for ln in lines if not ln.startswith(("Exception from", "Check")))[:300]}
             logger.info("%s: %s", key, rows[key])
     timings = time_interleaved(runners, b1, b32, rounds=args.rounds)
     for key, (t1, t32) in timings.items():

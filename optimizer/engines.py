@@ -173,7 +173,7 @@ def measure_engines(
             run(feeds_b1)  # warm-up of the b1 shape
             runners[key] = run
         except Exception as exc:  # each runtime raises its own types for graphs it cannot run
-            results[key]["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            results[key]["error"] = _error_message(exc)
             logger.warning("engine %s cannot run %s: %s", key, path.name, results[key]["error"])
     timings = time_interleaved(runners, feeds_b1, feeds_b32, rounds=rounds)
     for key in runners:
@@ -223,6 +223,14 @@ def best_engine(
             f"(batch_invariant={batch_invariant}): {summary}. Lower the floor or choose a less aggressive quantization"
         )
     return min(candidates)[2]
+
+
+def _error_message(exc: BaseException) -> str:
+    """One line for ``manifest.engines``: OpenVINO's C++ source-location lines dropped."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(("Exception from ", "Check '"))]
+    text = " ".join(useful or lines) or type(exc).__name__
+    return f"{type(exc).__name__}: {text[:400]}"
 
 
 def _shape_size(name: str) -> int:

@@ -186,7 +186,7 @@ class OpenVinoEngine(Engine):
         try:
             model = core.read_model(str(path))
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses with long C++ traces
-            raise ModelLoadError(f"OpenVINO cannot read {path.name}: {_first_line(exc)}") from None
+            raise ModelLoadError(f"OpenVINO cannot read {path.name}: {_openvino_message(exc)}") from None
         self._input_names = [p.get_any_name() for p in model.inputs]
         self._output_names = [p.get_any_name() for p in model.outputs]
         missing = sorted(set(input_names) - set(self._input_names))
@@ -206,7 +206,7 @@ class OpenVinoEngine(Engine):
         try:
             self._compiled = core.compile_model(model, device, config)
         except Exception as exc:
-            raise ModelLoadError(f"OpenVINO cannot compile {path.name} for {device}: {_first_line(exc)}") from None
+            raise ModelLoadError(f"OpenVINO cannot compile {path.name} for {device}: {_openvino_message(exc)}") from None
         self._ports = {p.get_any_name(): p for p in self._compiled.outputs}
         self._local = threading.local()
         self._version = ov.__version__ if hasattr(ov, "__version__") else ov.get_version()
@@ -271,9 +271,12 @@ class OpenVinoEngine(Engine):
         self._compiled = None  # type: ignore[assignment]
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def _openvino_message(exc: BaseException) -> str:
+    """The informative part of an OpenVINO error: its C++ source-location lines dropped."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(("Exception from ", "Check '"))]
+    text = " ".join(useful or lines)
+    return (text[:400] + "...") if len(text) > 400 else (text or type(exc).__name__)
 
 
 def openvino_available() -> bool:

@@ -148,6 +148,24 @@ def test_unreadable_model_is_a_model_load_error(tmp_path: Path) -> None:
         create_openvino_engine(bad, EngineOptions(), ["input_ids"])
 
 
+def test_graph_with_onnxruntime_contrib_ops_names_the_op(tmp_path: Path) -> None:
+    """A graph fused/quantized for ONNX Runtime (e.g. dynamic INT8's QAttention) is refused clearly."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("input_ids", TensorProto.FLOAT, ["batch", "sequence", 8])
+    y = helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", "sequence", 8])
+    node = helper.make_node("QAttention", ["input_ids"], ["embedding"], domain="com.microsoft", num_heads=2)
+    model = helper.make_model(
+        helper.make_graph([node], "g", [x], [y]),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+    )
+    path = tmp_path / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(ModelLoadError, match="QAttention") as err:
+        create_openvino_engine(path, EngineOptions(), ["input_ids"])
+    assert "Exception from" not in str(err.value)
+
+
 def test_missing_openvino_gives_install_hint(monkeypatch: pytest.MonkeyPatch, embedding_artifact: Path) -> None:
     real_import = builtins.__import__
 
