@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import shutil
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks._common import (
+    REPO_ROOT,
     BenchConfig,
     BenchmarkError,
     TokenBatch,
@@ -46,6 +48,7 @@ from benchmarks._common import (
     write_rows,
 )
 from benchmarks.ceilings import Ceilings, measure_ceilings, model_flops
+from benchmarks.optimizer_bench import run_optimize
 
 logger = logging.getLogger(__name__)
 
@@ -304,25 +307,39 @@ def build_artifacts(cfg: BenchConfig) -> tuple[dict[str, Path], list[str]]:
     assert cfg.artifact_cache is not None
     out: dict[str, Path] = {}
     notes: list[str] = []
+    fingerprint = optimizer_fingerprint()
     for preset in cfg.presets:
         dest = cfg.artifact_cache / preset
-        if not (dest / "manifest.json").is_file():
+        record_file = cfg.artifact_cache / f"{preset}.build.json"
+        stale = record_file.is_file() and json.loads(record_file.read_text()).get("optimizer") != fingerprint
+        if stale:
+            logger.info("cached %s was built by other optimizer code; rebuilding", dest)
+        if stale or not (dest / "manifest.json").is_file():
             if dest.exists():
                 shutil.rmtree(dest)
             dest.parent.mkdir(parents=True, exist_ok=True)
-            cmd = [python_exe(), "-m", "pruneserve.cli", "optimize", "--preset", preset, "--out", str(dest)]
-            from benchmarks.optimizer_bench import run_optimize
-
             try:
                 record = run_optimize(preset, dest, timeout=3600)
             except BenchmarkError as exc:
                 notes.append(f"{exc}; its rows are skipped.")
                 continue
             # Kept beside the artifact so a quick run can report the build's cost without rebuilding.
-            (cfg.artifact_cache / f"{preset}.build.json").write_text(json.dumps(record, indent=2) + "\n")
+            record["optimizer"] = fingerprint
+            record_file.write_text(json.dumps(record, indent=2) + "\n")
             logger.info("built %s in %.0f s", dest, record["wall_s"])
         out[f"pruneserve-{preset}"] = dest
     return out, notes
+
+
+def optimizer_fingerprint() -> str:
+    """Git's tree hash of the committed ``optimizer/`` (cached artifacts are rebuilt when it changes)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD:optimizer"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
 def artifact_manifest(path: Path) -> dict[str, Any]:
@@ -416,7 +433,8 @@ def run_model_bench(
     for label, b, s in SHAPES:
         batch = shaped_batch(tok, corpus, b, s, start=200)
         repeats = {"b1x32": 15 if cfg.quick else 200, "b32x128": 3 if cfg.quick else 20}[label]
-        samples = interleaved_medians({rt.name: (lambda rt=rt: rt.run(batch)) for rt in runtimes}, repeats, warmup=2)
+        calls = {rt.name: (lambda rt=rt, batch=batch: rt.run(batch)) for rt in runtimes}
+        samples = interleaved_medians(calls, repeats, warmup=2)
         ref_ms = median(samples[REFERENCE])
         int8_ms = median(samples.get("ort-int8-dynamic", [float("nan")]))
         for rt in runtimes:

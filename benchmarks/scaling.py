@@ -57,7 +57,8 @@ def run_scaling_bench(cfg: BenchConfig, artifacts: dict[str, Path]) -> tuple[lis
     points = [("seq", 1, s) for s in seqs] + [("batch", b, 128) for b in batches if 128 <= max_len]
     for sweep, b, s in points:
         batch = shaped_batch(tok, corpus, b, s, start=300)
-        samples = interleaved_medians({rt.name: (lambda rt=rt: rt.run(batch)) for rt in runtimes}, repeats, warmup=1)
+        calls = {rt.name: (lambda rt=rt, batch=batch: rt.run(batch)) for rt in runtimes}
+        samples = interleaved_medians(calls, repeats, warmup=1)
         ref = median(samples[REFERENCE])
         for rt in runtimes:
             ms = median(samples[rt.name])

@@ -29,11 +29,11 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -288,7 +288,9 @@ def run_perf_analyzer(
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=settings.timeout_s)
         except subprocess.TimeoutExpired:
-            raise BenchmarkError(f"perf_analyzer at concurrency {concurrency} ran past {settings.timeout_s:.0f} s")
+            raise BenchmarkError(
+                f"perf_analyzer at concurrency {concurrency} ran past {settings.timeout_s:.0f} s"
+            ) from None
         after = scrape(server.metrics_port, COUNTERS[server.kind])
         if proc.returncode == 0 and csv_out.is_file():
             row = _parse_pa_csv(csv_out)
@@ -322,7 +324,9 @@ def _parse_pa_csv(path: Path) -> dict[str, Any]:
     }
 
 
-def inprocess_ceiling(artifact: Path, threads: int, texts: Sequence[str], concurrency: int, seconds: float) -> dict[str, Any]:
+def inprocess_ceiling(
+    artifact: Path, threads: int, texts: Sequence[str], concurrency: int, seconds: float
+) -> dict[str, Any]:
     """The same texts in full batches of ``concurrency``, tokenized and run straight through ONNX Runtime.
 
     No network, no queue: what a perfect server could do with these batches. Every text of a
