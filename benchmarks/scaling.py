@@ -52,6 +52,9 @@ def run_scaling_bench(cfg: BenchConfig, artifacts: dict[str, Path]) -> tuple[lis
     else:
         notes.append("no artifact available: the scaling plot shows the original only")
     seqs, batches = sweeps(cfg.quick, max_len)
+    skipped = sorted(set(sweeps(cfg.quick, 10**9)[0]) - set(seqs))
+    if skipped:
+        notes.append(f"sequence lengths {skipped} skipped: the models accept at most {max_len} tokens")
     repeats = 3 if cfg.quick else 10
     rows: list[dict[str, Any]] = []
     points = [("seq", 1, s) for s in seqs] + [("batch", b, 128) for b in batches if 128 <= max_len]

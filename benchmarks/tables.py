@@ -124,10 +124,41 @@ def model_section(rows: Sequence[Mapping[str, Any]], ceilings: Mapping[str, Any]
         "report). Alone vs batched: max |change| of a text's embedding computed alone vs padded in a "
         "batch of 16."
     )
+    parts.append("\n" + peer_table(by, names))
     parts += _model_verdicts(by, names)
     if notes:
         parts.append("\nNotes:\n" + "\n".join(f"- {n}" for n in notes))
     return "\n".join(parts)
+
+
+#: The peers each artifact is held against: (runtime, what it is). Ahead = ratio > 1.00x at equal shape.
+MODEL_PEERS: tuple[tuple[str, str], ...] = (
+    ("ort-int8-dynamic", "unpruned, fused + dynamic INT8 per-channel (ONNX Runtime's tools; Optimum O2 recipe)"),
+    ("openvino-nncf-int8", "OpenVINO + NNCF post-training INT8 (issue 10's peer)"),
+    ("pytorch-fp32", "the original in PyTorch fp32"),
+)
+
+
+def peer_table(by: Mapping[tuple[str, str], Mapping[str, Any]], names: Sequence[str]) -> str:
+    """Each artifact's speed ratio to each peer at both shapes, beside the fidelity difference."""
+    ours = [n for n in names if n.startswith("pruneserve-")]
+    peers = [(p, what) for p, what in MODEL_PEERS if (p, "b1x32") in by]
+    if not ours or not peers:
+        return ""
+    body = []
+    for n in ours:
+        for p, what in peers:
+            cells = [f"`{n}`", f"`{p}`"]
+            for shape in ("b1x32", "b32x128"):
+                a, b = by.get((n, shape)), by.get((p, shape))
+                cells.append("–" if a is None or b is None else _x(b["median_ms"] / a["median_ms"]))
+            ratios = [by[(p, s)]["median_ms"] / by[(n, s)]["median_ms"] for s in ("b1x32", "b32x128")
+                      if (n, s) in by and (p, s) in by]  # fmt: skip
+            fid = by[(n, "b1x32")]["fidelity_mean"] - by[(p, "b1x32")]["fidelity_mean"]
+            cells += [f"{fid:+.4f}", "> 1.00x", _verdict(all(r > 1.0 for r in ratios) if ratios else None), what]
+            body.append(cells)
+    headers = ["ours", "peer", "speed-up b1x32", "speed-up b32x128", "fidelity vs peer", "target", "verdict", "peer is"]
+    return "Side by side (speed-up = peer's time / ours):\n\n" + table(headers, body)
 
 
 def _model_verdicts(by: Mapping[tuple[str, str], Mapping[str, Any]], names: Sequence[str]) -> list[str]:
@@ -155,7 +186,10 @@ def _model_verdicts(by: Mapping[tuple[str, str], Mapping[str, Any]], names: Sequ
                 why += " (little was pruned, so there is little to gain)"
             elif r["share_int8_ceiling"] < pr["share_int8_ceiling"]:
                 why += " (smaller, ragged matrices use the cores less well)"
-            out.append(f"- **Behind:** `{n}` at {shape} runs at {ratio:.2f}x the unpruned ORT INT8 peer: {why}.")
+            made = f" (artifact: {r['note']})" if r.get("note") else ""
+            out.append(
+                f"- **Behind:** `{n}`{made} at {shape} runs at {ratio:.2f}x the unpruned ORT INT8 peer: {why}."
+            )
     if out:
         out.insert(0, "")
     return out
