@@ -101,7 +101,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     serve.add_argument("--tls-key", help="PEM private key of --tls-cert")
     serve.add_argument("--tls-client-ca", help="PEM CA that client certificates must chain to (mutual TLS)")
     serve.add_argument(
-        "--shadow-rate", type=float, help="fraction of requests also run on the unpruned reference model"
+        "--shadow-rate", type=float,
+        help="fraction of answered requests also run on the artifact's unpruned reference.onnx to measure live "
+             "fidelity (default 0 = off; see docs/live-quality.md)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--shadow-queue-size", type=int,
+        help=f"sampled requests that may wait for comparison; more are dropped and counted (default {default('shadow_queue_size')})",
+    )  # fmt: skip
+    serve.add_argument(
+        "--capture-path", metavar="FILE.jsonl",
+        help="append the texts of shadowed requests whose fidelity fell under the quality floor to this JSON Lines "
+             "file (STORES USER TEXT; default off)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--capture-max-bytes", type=int,
+        help=f"most bytes the capture holds on disk, rotated files included (default {default('capture_max_bytes')})",
+    )  # fmt: skip
+    serve.add_argument(
+        "--capture-backups", type=int, help=f"rotated capture files kept (default {default('capture_backups')})"
     )
     serve.add_argument(
         "--log-format", choices=["text", "json"], default="text",

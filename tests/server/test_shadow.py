@@ -379,3 +379,17 @@ def test_tokenized_requests_are_compared_but_never_captured(shadowed, tmp_path: 
     asyncio.run(main())
     assert metrics.registry.get_sample_value("pruneserve_live_fidelity_count", MV) == 1
     assert not capture.exists()
+
+
+def test_serve_flags_set_the_shadow_and_capture_fields(tmp_path: Path) -> None:
+    from pruneserve.cli import build_parser
+    from pruneserve.server.cli import config_from_args
+
+    flags = (
+        f"serve x --shadow-rate 0.01 --shadow-queue-size 8 --capture-path {tmp_path / 'drift.jsonl'} "
+        "--capture-max-bytes 65536 --capture-backups 3"
+    )
+    config = config_from_args(build_parser().parse_args(flags.split()))
+    assert (config.shadow_rate, config.shadow_queue_size) == (0.01, 8)
+    assert (config.capture_path, config.capture_max_bytes, config.capture_backups) == (str(tmp_path / "drift.jsonl"), 65536, 3)
+    assert config_from_args(build_parser().parse_args(["serve", "x"])).capture_path is None
