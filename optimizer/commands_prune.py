@@ -131,13 +131,18 @@ def _importance_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--loss", choices=("auto", "cross_entropy", "contrastive"),
                        help="auto: cross-entropy for classifiers, contrastive vs the original for embeddings")
     group.add_argument("--temperature", type=float, help="contrastive loss temperature (default 0.5)")
+    group.add_argument("--score-examples", type=int, dest="score_examples", metavar="N",
+                       help="texts per scoring pass (default 512; the search re-scores after every step)")
 
 
-_FLAG_SECTIONS = {
-    "data": ("path", "eval_fraction", "max_examples", "max_length", "batch_size", "seed"),
-    "importance": ("method", "normalize", "loss", "temperature"),
-    "budget": ("head_fraction", "ffn_fraction", "quality_floor", "step_fraction", "cost", "protected_layers"),
-    "recovery": ("refit_ffn", "ridge_alpha_scale", "distill_steps", "distill_epochs", "lr"),
+#: config section -> {argparse dest: config field}; the dest is the field's name unless it would clash.
+_FLAG_SECTIONS: dict[str, dict[str, str]] = {
+    "data": {n: n for n in ("path", "eval_fraction", "max_examples", "max_length", "batch_size", "seed")},
+    "importance": {"method": "method", "normalize": "normalize", "loss": "loss", "temperature": "temperature",
+                   "score_examples": "max_examples"},
+    "budget": {n: n for n in ("head_fraction", "ffn_fraction", "quality_floor", "step_fraction", "cost",
+                              "protected_layers")},
+    "recovery": {n: n for n in ("refit_ffn", "ridge_alpha_scale", "distill_steps", "distill_epochs", "lr")},
 }
 
 
@@ -145,7 +150,7 @@ def _flag_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """``{section: {field: value}}`` for every flag the user actually gave."""
     out: dict[str, dict[str, Any]] = {}
     for section, names in _FLAG_SECTIONS.items():
-        given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+        given = {field: getattr(args, dest) for dest, field in names.items() if getattr(args, dest, None) is not None}
         if given:
             out[section] = given
     return out

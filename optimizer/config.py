@@ -101,12 +101,15 @@ class ImportanceConfig:
     ``loss``: ``auto`` = cross-entropy for classifiers, in-batch contrastive loss against the
     original model for embedding models. ``temperature`` is the contrastive softmax
     temperature (see :mod:`pruneserve.optimizer.importance` for why it is not 0.05).
+    ``max_examples`` caps the texts per scoring pass (the search re-scores after every step,
+    so this bounds its cost; ``None`` = the whole scoring split).
     """
 
     method: ImportanceMethod = "michel"
     normalize: Normalization = "global"
     loss: ImportanceLoss = "auto"
     temperature: float = 0.5
+    max_examples: int | None = 512
 
     def __post_init__(self) -> None:
         _check_choice("importance.method", self.method, get_args(ImportanceMethod))
@@ -116,6 +119,8 @@ class ImportanceConfig:
             "importance.temperature", self.temperature, 0.0, 10.0, low_open=True,
             fix="use a temperature such as 0.5 (lower values saturate the loss at the unpruned point)",
         )
+        if self.max_examples is not None:
+            _check_int("importance.max_examples", self.max_examples, 2, fix="score on at least a few hundred texts")
 
 
 @dataclass

@@ -30,6 +30,7 @@ divides each layer's scores by their L2 norm (the bertology convention).
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -128,8 +129,8 @@ def compute_importance(
 ) -> Importance:
     """Score every head and FFN neuron of an unpruned-shape ``encoder`` on ``batches``.
 
-    ``teacher`` holds the original model's outputs per batch (computed here, ungated, when
-    ``None``). ``head_mask``/``ffn_mask`` (0/1) start the gates at a partly pruned point.
+    Only the first batches holding ``config.max_examples`` texts are used. ``teacher`` holds
+    the original model's outputs per batch (computed here, ungated, when ``None``). ``head_mask``/``ffn_mask`` (0/1) start the gates at a partly pruned point.
     The encoder's parameters are frozen during scoring and restored afterwards, also on error;
     the gates live only in this call.
     """
@@ -145,6 +146,9 @@ def compute_importance(
             "original model and express pruning as masks"
         )
     kind = resolve_loss(config, spec.task)
+    if config.max_examples is not None:
+        sizes = itertools.accumulate(b.size for b in batches)
+        batches = batches[: 1 + sum(1 for total in sizes if total < config.max_examples)]
     if teacher is None:
         teacher = teacher_outputs(encoder, batches)
     shape_h = (spec.num_layers, spec.num_heads)

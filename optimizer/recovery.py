@@ -215,7 +215,7 @@ def distill(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
     finally:
         student.train(was_training)
         student.zero_grad(set_to_none=True)

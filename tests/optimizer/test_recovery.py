@@ -1,0 +1,100 @@
+"""Recovery after pruning: the least-squares target, improvements per method, teacher untouched."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from prune_testing import TEXTS, batches_for
+
+from pruneserve.optimizer.adapters import LoadedModel, load_model
+from pruneserve.optimizer.config import RecoveryConfig
+from pruneserve.optimizer.pruning import PruningPlan, prune
+from pruneserve.optimizer.quality import fidelity, teacher_outputs
+from pruneserve.optimizer.recovery import distill, recover, refit
+
+TinyModelFactory = Callable[..., Path]
+
+# 6 of 12 heads removed, one middle layer emptied, a quarter of the FFN gone in layer 0.
+PLAN = PruningPlan(heads=[[0, 2, 3], [], [1, 2, 3]], ffn=[list(range(48)), list(range(64)), list(range(64))])
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def embedder(tiny_model_dir: TinyModelFactory) -> LoadedModel:
+    return load_model(tiny_model_dir("bert", "embedding"))
+
+
+def _splits(loaded: LoadedModel) -> tuple[list, list]:
+    return batches_for(loaded, TEXTS[:64]), batches_for(loaded, TEXTS[64:96])
+
+
+def test_refit_of_an_unpruned_model_keeps_its_weights(embedder: LoadedModel) -> None:
+    """With nothing removed the original weights fit the target exactly: the target is right."""
+    teacher = embedder.encoder
+    student = prune(teacher, PruningPlan.keep_all(teacher.spec))
+    score = _splits(embedder)[0]
+    refit(student, teacher, score, kinds=["attention", "ffn"], alpha_scale=1e-6)
+    for got, want in zip(student.layers, teacher.layers):
+        # float32 Gram products: close, not bit-equal (weights have std 0.2).
+        torch.testing.assert_close(got.attention.o.weight, want.attention.o.weight, atol=1e-2, rtol=0)
+    assert fidelity(student, teacher_outputs(teacher, score), score).min_cosine > 0.9999
+
+
+def test_each_method_improves_fidelity_and_the_teacher_is_untouched(embedder: LoadedModel) -> None:
+    teacher = embedder.encoder
+    before = copy.deepcopy(teacher.state_dict())
+    score, evaluation = _splits(embedder)
+    t_score, t_eval = teacher_outputs(teacher, score), teacher_outputs(teacher, evaluation)
+    student = prune(teacher, PLAN)
+    stages = recover(
+        student, teacher, score, evaluation, RecoveryConfig(distill_steps=40, lr=1e-3),
+        teacher_score=t_score, teacher_eval=t_eval,
+    )
+    assert [s.method for s in stages] == ["pruned", "attention_refit", "ffn_refit", "distillation"]
+    cos = [s.quality.mean_cosine for s in stages]
+    assert cos[0] == pytest.approx(fidelity(prune(teacher, PLAN), t_eval, evaluation).mean_cosine)
+    assert cos[1] > cos[0] + 0.02, cos  # held-out texts: the refit generalises
+    assert cos[3] > cos[0] + 0.02, cos
+    # On the data they were fitted to, each method must not make things worse.
+    assert fidelity(student, t_score, score).mean_cosine > cos[0]
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert student.spec.heads == [3, 0, 3]
+
+
+def test_weak_ridge_fits_training_data_better_than_strong(embedder: LoadedModel) -> None:
+    teacher = embedder.encoder
+    score, _ = _splits(embedder)
+    t_score = teacher_outputs(teacher, score)
+    fits = {}
+    for alpha in (1e-4, 10.0):
+        student = prune(teacher, PLAN)
+        refit(student, teacher, score, kinds=["attention"], alpha_scale=alpha)
+        fits[alpha] = fidelity(student, t_score, score).mean_cosine
+    assert fits[1e-4] > fits[10.0]
+
+
+def test_distillation_lowers_the_loss_for_a_classifier(tiny_model_dir: TinyModelFactory) -> None:
+    loaded = load_model(tiny_model_dir("distilbert", "classification"))
+    score = batches_for(loaded, TEXTS[:64])
+    t_score = teacher_outputs(loaded.encoder, score)
+    student = prune(loaded.encoder, PLAN)
+    losses = distill(student, score, t_score, steps=40, lr=1e-3, seed=0)
+    assert len(losses) == 40
+    assert sum(losses[-8:]) < sum(losses[:8])
+    assert not student.training  # restored
+    assert all(p.grad is None for p in student.parameters())
+    # Embeddings are frozen during distillation.
+    torch.testing.assert_close(student.embeddings.word.weight, loaded.encoder.embeddings.word.weight)
