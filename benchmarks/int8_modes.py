@@ -73,7 +73,7 @@ def main() -> None:
 
     from pruneserve.optimizer.adapters import load_model
     from pruneserve.optimizer.errors import QuantizationError
-    from pruneserve.optimizer.engines import ONNXRUNTIME, OPENVINO_F32, available_engines, openvino_runner, time_interleaved
+    from pruneserve.optimizer.engines import ONNXRUNTIME, OPENVINO_F32, available_engines, interleaved_samples, openvino_runner
     from pruneserve.optimizer.export import export_onnx
     from pruneserve.optimizer.fusion import fuse
     from pruneserve.optimizer.quantize import quantize_dynamic_int8
@@ -173,9 +173,15 @@ def main() -> None:
                 lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
                 rows[key] = {"error": " ".join(ln for ln in lines if not ln.startswith(("Exception from", "Check")))[:300]}
             logger.info("%s: %s", key, rows[key])
-    timings = time_interleaved(runners, b1, b32, rounds=args.rounds)
-    for key, (t1, t32) in timings.items():
-        rows[key].update(latency_b1x32_ms=t1, latency_b32x128_ms=t32)
+    # Median and best of the interleaved rounds: on a loaded machine the minimum is the
+    # closer estimate of a run's own cost, the median of what a served request sees.
+    for key, (s1, s32) in interleaved_samples(runners, b1, b32, rounds=args.rounds).items():
+        rows[key].update(
+            latency_b1x32_ms=round(float(np.median(s1)) * 1e3, 2),
+            latency_b32x128_ms=round(float(np.median(s32)) * 1e3, 1),
+            best_b1x32_ms=round(min(s1) * 1e3, 2),
+            best_b32x128_ms=round(min(s32) * 1e3, 1),
+        )
     report = {
         "threads": args.threads,
         "rounds": args.rounds,
@@ -184,7 +190,8 @@ def main() -> None:
         "build_seconds": build,
         "settings": settings,
         "results": rows,
-        "load_average": os.getloadavg(),
+        "load_average_at_end": os.getloadavg(),
+        "openvino_bf16": "BF16" in __import__("openvino").Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"),
     }
     args.out.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
     for key, row in rows.items():

@@ -100,10 +100,10 @@ def _median_ms(samples: Sequence[float]) -> float:
     return round(statistics.median(samples) * 1e3, 3)
 
 
-def time_interleaved(
+def interleaved_samples(
     runners: Mapping[str, Runner], feeds_b1: Feeds, feeds_b32: Feeds, *, rounds: int = 5, b1_reps: int = 5
-) -> dict[str, tuple[float, float]]:
-    """Median milliseconds ``(b1, b32)`` per runner, one runner after another within each round.
+) -> dict[str, tuple[list[float], list[float]]]:
+    """Seconds per run ``(b1 samples, b32 samples)`` per runner, one runner after another each round.
 
     Interleaving spreads the machine's background load over all runners alike, so ratios
     between them stay fair on a shared machine even when absolute numbers move.
@@ -117,7 +117,15 @@ def time_interleaved(
                     start = time.perf_counter()
                     run(feeds)
                     into[key].append(time.perf_counter() - start)
-    return {k: (_median_ms(b1[k]), _median_ms(b32[k])) for k in runners}
+    return {k: (b1[k], b32[k]) for k in runners}
+
+
+def time_interleaved(
+    runners: Mapping[str, Runner], feeds_b1: Feeds, feeds_b32: Feeds, *, rounds: int = 5, b1_reps: int = 5
+) -> dict[str, tuple[float, float]]:
+    """Median milliseconds ``(b1, b32)`` per runner, timed by :func:`interleaved_samples`."""
+    samples = interleaved_samples(runners, feeds_b1, feeds_b32, rounds=rounds, b1_reps=b1_reps)
+    return {k: (_median_ms(b1), _median_ms(b32)) for k, (b1, b32) in samples.items()}
 
 
 def measure_engines(
@@ -259,6 +267,7 @@ __all__ = [
     "OPENVINO_F32",
     "available_engines",
     "best_engine",
+    "interleaved_samples",
     "bf16_supported",
     "measure_engines",
     "openvino_runner",
