@@ -1,0 +1,141 @@
+"""``pruneserve score`` and ``pruneserve prune`` end to end on a tiny model, and their error handling."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from prune_testing import TEXTS
+
+from pruneserve.cli import main
+from pruneserve.optimizer.checkpoint import load_pruned
+
+TinyModelFactory = Callable[..., Path]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir: TinyModelFactory) -> Path:
+    return tiny_model_dir("bert", "embedding")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "texts.txt"
+    path.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    return path
+
+
+def _common(model: Path, data: Path) -> list[str]:
+    return ["--model", str(model), "--data", str(data), "--max-length", "32", "--batch-size", "16", "--no-progress"]
+
+
+def test_score_writes_json_and_heatmap(model: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "scores"
+    assert main(["score", *_common(model, data), "--method", "fisher", "--out", str(out)]) == 0
+    document = json.loads((out / "importance.json").read_text())
+    assert document["method"] == "fisher" and document["loss"] == "contrastive"
+    assert len(document["heads"]) == 3 and all(len(row) == 4 for row in document["heads"])
+    assert all(len(row) == 64 for row in document["ffn"])
+    assert document["score_examples"] == 72  # 96 texts, a quarter held out
+    assert (out / "importance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_prune_writes_a_loadable_checkpoint_and_record(model: Path, data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pruned"
+    code = main(["prune", *_common(model, data), "--heads", "0.5", "--ffn", "0.25", "--distill-steps", "5",
+                 "--out", str(out)])
+    assert code == 0
+    encoder, document = load_pruned(out)
+    record = document["record"]
+    assert sum(encoder.spec.heads) == 6 and sum(encoder.spec.ffn) == 192 - 48
+    assert record["heads_per_layer"] == encoder.spec.heads
+    assert [len(k) for k in record["kept_heads"]] == encoder.spec.heads
+    stages = [s["method"] for s in record["quality"]["stages"]]
+    assert stages == ["pruned", "attention_refit", "ffn_refit", "distillation"]
+    assert record["quality"]["after_recovery"]["mean_cosine"] > record["quality"]["before_recovery"]["mean_cosine"]
+    assert record["params"]["after"] < record["params"]["before"]
+    assert record["flops"]["after"] < record["flops"]["before"]
+    assert record["config"]["budget"]["head_fraction"] == 0.5
+    assert record["config"]["recovery"]["distill_steps"] == 5
+    assert record["search_trace"][0]["flops_removed"] == 0
+    assert "texts.txt" in record["quality"]["data"]
+    for name in ("model.safetensors", "tokenizer.json", "pruning.json", "importance.png", "tradeoff.png"):
+        assert (out / name).is_file(), name
+
+
+def test_config_file_then_flags(model: Path, data: Path, tmp_path: Path) -> None:
+    config = tmp_path / "prune.yaml"
+    config.write_text("budget:\n  head_fraction: 0.25\n  ffn_fraction: 0.5\nimportance:\n  method: fisher\n")
+    out = tmp_path / "pruned"
+    code = main(["prune", *_common(model, data), "--config", str(config), "--ffn", "0", "--no-recovery",
+                 "--out", str(out)])
+    assert code == 0
+    encoder, document = load_pruned(out)
+    record = document["record"]
+    assert sum(encoder.spec.heads) == 9 and sum(encoder.spec.ffn) == 192  # --ffn 0 overrode the file
+    assert record["importance"]["method"] == "fisher"
+    assert [s["method"] for s in record["quality"]["stages"]] == ["pruned"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--heads", "1.5"], "budget.head_fraction=1.5 is outside [0.0, 1.0]"),
+        (["--heads", "1.0"], "at most 11 (0.917) can go"),
+        (["--heads", "0", "--ffn", "0"], "budget removes nothing"),
+        (["--temperature", "0"], "importance.temperature=0.0"),
+        (["--quality-floor", "0.99999", "--step-fraction", "0.5"], "quality floor 0.99999 cannot be met"),
+    ],
+)
+def test_bad_budget_or_flags_exit_2_and_write_nothing(
+    model: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture, extra: list[str], needle: str
+) -> None:
+    out = tmp_path / "never"
+    assert main(["prune", *_common(model, data), *extra, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_bad_inputs_exit_2_and_write_nothing(
+    model: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "never"
+    bad_jsonl = tmp_path / "bad.jsonl"
+    bad_jsonl.write_text('{"text": "fine"}\n{"txt": "typo"}\n')
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("budget:\n  head_fractoin: 0.5\n")
+    cases = [
+        (["score", *_common(model, tmp_path / "missing.txt")], "does not exist"),
+        (["prune", *_common(model, bad_jsonl)], f"{bad_jsonl}:2: unknown field(s) txt"),
+        (["prune", *_common(tmp_path / "no-model", data)], "does not exist"),
+        (["prune", *_common(model, data), "--config", str(bad_yaml)], "unknown key(s) head_fractoin"),
+    ]
+    for argv, needle in cases:
+        assert main([*argv, "--out", str(out)]) == 2, argv
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, err
+        assert not out.exists()
+
+
+def test_help_explains_the_commands(capsys: pytest.CaptureFixture) -> None:
+    for command in ("score", "prune"):
+        with pytest.raises(SystemExit) as exc:
+            main([command, "--help"])
+        assert exc.value.code == 0
+        text = capsys.readouterr().out
+        assert "examples:" in text and "--data" in text
+    assert "--quality-floor" in text and "--no-recovery" in text
