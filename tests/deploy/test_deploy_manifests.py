@@ -223,6 +223,9 @@ def test_services_select_the_pods_and_speak_grpc(overlay: str) -> None:
     monitor = one(objects, "ServiceMonitor", "pruneserve")
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+    # One Prometheus (selecting on its release label) must pick up both.
+    rule_object = one(objects, "PrometheusRule", "pruneserve")
+    assert monitor["metadata"]["labels"]["release"] == rule_object["metadata"]["labels"]["release"]
     # The alerts select job="pruneserve": the operator names the job after the Service.
     for group in rule_groups(objects):
         for rule in group["rules"]:
