@@ -196,8 +196,9 @@ class OpenVinoEngine(Engine):
         config: dict[str, Any] = {
             "INFERENCE_PRECISION_HINT": self._precision,
             "NUM_STREAMS": str(self._settings.streams),
-            # LATENCY: one request is one batch; the batcher already provides throughput.
-            "PERFORMANCE_HINT": "LATENCY",
+            # One stream: each engine run is a whole batch, the batcher provides throughput.
+            # Several streams serve several batcher workers at once.
+            "PERFORMANCE_HINT": "LATENCY" if self._settings.streams == 1 else "THROUGHPUT",
         }
         if self._settings.threads:
             config["INFERENCE_NUM_THREADS"] = self._settings.threads
@@ -211,6 +212,7 @@ class OpenVinoEngine(Engine):
         self._local = threading.local()
         self._version = ov.__version__ if hasattr(ov, "__version__") else ov.get_version()
         self._devices = list(self._compiled.get_property("EXECUTION_DEVICES"))
+        self._streams = int(self._compiled.get_property("NUM_STREAMS"))
         logger.info(
             "OpenVINO %s compiled %s on %s: precision %s, threads %s, streams %d",
             self._version, path.name, self._devices, self._precision,
@@ -262,7 +264,7 @@ class OpenVinoEngine(Engine):
             engine_version=str(self._version),
             precision=self._precision,
             threads=str(self._settings.threads or "default"),
-            streams=str(self._settings.streams),
+            streams=str(self._streams),
         )
         return info
 

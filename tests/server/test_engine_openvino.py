@@ -133,6 +133,19 @@ def test_recorded_precision_is_read_from_the_manifest(artifact_factory: Any, tmp
     assert engine.precision == ("bf16" if "BF16" in core_caps else "f32")
 
 
+def test_streams_and_threads_are_applied(embedding_artifact: Path) -> None:
+    art = load_artifact(embedding_artifact)
+    engine = OpenVinoEngine(art.model_path, EngineOptions(threads=2), art.manifest.inputs, OpenVinoSettings(threads=2, streams=2))
+    info = engine.describe()
+    # What OpenVINO really compiled (a stream needs a thread of its own), not what was asked.
+    assert info["streams"] == str(engine._compiled.get_property("NUM_STREAMS")) and info["streams"] in ("1", "2")
+    assert info["threads"] == "2"
+    single = OpenVinoEngine(art.model_path, EngineOptions(threads=1), art.manifest.inputs, OpenVinoSettings(threads=1, streams=2))
+    assert single.describe()["streams"] == "1"
+    feeds = _feeds(TEXTS, art.manifest.inputs)
+    np.testing.assert_allclose(engine.run(feeds)["embedding"], _engines(embedding_artifact)[1].run(feeds)["embedding"], atol=1e-5)
+
+
 def test_settings_validation() -> None:
     with pytest.raises(ModelLoadError, match="precision 'fp8'"):
         OpenVinoSettings(precision="fp8")
