@@ -59,7 +59,7 @@ def render_with_kubectl(directory: Path) -> list[Obj]:
     return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _render_cached(relative: str) -> tuple[str, str]:
     directory = K8S / relative
     objects = render_with_kubectl(directory) if kubectl() else kustomize_render.render(directory)
@@ -146,7 +146,7 @@ def structural_to_jsonschema(schema: Any) -> Any:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def crd_validator(kind: str) -> jsonschema.protocols.Validator:
     """A strict validator for one vendored Prometheus Operator CRD (``ServiceMonitor``...)."""
     data = json.loads((SCHEMAS / f"{kind.lower()}-v1.json").read_text(encoding="utf-8"))

@@ -426,7 +426,11 @@ def strategic_merge(original: Any, patch: Any, field: str = "") -> Any:
         prepend: list[Any] = []
         for item in patch:
             index = next(
-                (i for i, o in enumerate(merged_list) if isinstance(o, dict) and o.get(merge_key) == item.get(merge_key)),
+                (
+                    i
+                    for i, o in enumerate(merged_list)
+                    if isinstance(o, dict) and o.get(merge_key) == item.get(merge_key)
+                ),
                 None,
             )
             if item.get("$patch") == "delete":
@@ -496,7 +500,13 @@ def config_map_hash(cm: Obj) -> str:
         encoded["binaryData"] = cm["binaryData"]
     text = json.dumps(encoded, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     # Go's json.Marshal escapes <, > and & (and U+2028/2029) where Python does not.
-    for raw, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+    for raw, escaped in (
+        ("<", "\\u003c"),
+        (">", "\\u003e"),
+        ("&", "\\u0026"),
+        ("\u2028", "\\u2028"),
+        ("\u2029", "\\u2029"),
+    ):
         text = text.replace(raw, escaped)
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
     table = {"0": "g", "1": "h", "3": "k", "a": "m", "e": "t"}

@@ -16,9 +16,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from deploy_support import DEPLOY, REPO, one, render
 
 from pruneserve.server.config import ServeConfig
+
+from deploy_support import DEPLOY, REPO, one, render
 
 DOCKER = DEPLOY / "docker"
 SCRIPTS = DEPLOY / "scripts"
@@ -179,7 +180,7 @@ def test_gpu_base_image_matches_onnxruntime_gpu_cuda_major(tmp_path: Path) -> No
     args = _args(_instructions(DOCKERFILES["server-gpu"]))
     image_major = re.search(r":(\d+)\.\d+\.\d+-cudnn-runtime", args["CUDA_IMAGE"])
     assert image_major and image_major.group(1) == ort_major
-    trt = re.search(r'TRT_VERSION:-[\d.]+-1\+cuda(\d+)\.', (SCRIPTS / "install-tensorrt-runtime.sh").read_text())
+    trt = re.search(r"TRT_VERSION:-[\d.]+-1\+cuda(\d+)\.", (SCRIPTS / "install-tensorrt-runtime.sh").read_text())
     assert trt and trt.group(1) == ort_major
 
 
@@ -209,7 +210,10 @@ def test_install_server_script_builds_a_torch_free_server(tmp_path: Path) -> Non
     assert help_text.returncode == 0 and "--grpc-port" in help_text.stdout
     # A real install, not a link back to this checkout.
     location = subprocess.run(
-        [str(python), "-c", "import pruneserve; print(pruneserve.__file__)"], capture_output=True, text=True, cwd=tmp_path
+        [str(python), "-c", "import pruneserve; print(pruneserve.__file__)"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert str(venv) in location.stdout
 

@@ -19,6 +19,9 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+
+from pruneserve.server.config import ServeConfig
+
 from deploy_support import (
     INSTALL_HINT,
     K8S,
@@ -41,8 +44,6 @@ from deploy_support import (
     server_families,
 )
 from kustomize_render import render as python_render
-
-from pruneserve.server.config import ServeConfig
 
 K8S_VERSION = kubernetes_validate.latest_version()
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}

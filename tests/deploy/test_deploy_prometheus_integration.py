@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+
 from deploy_support import (
     INSTALL_HINT,
     REPO,
@@ -56,7 +57,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_for(what: str, check: Callable[[], Any], timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> Any:
+def _wait_for(
+    what: str, check: Callable[[], Any], timeout_s: float, proc: subprocess.Popen[bytes] | None = None
+) -> Any:
     """Poll ``check`` until it returns a truthy value; fail with ``what`` after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     last: Any = None
@@ -239,7 +242,9 @@ def test_prometheus_scrapes_the_server_and_evaluates_the_rules(tmp_path: Path, t
         assert server.wait(timeout=30) == 0
 
 
-def _run_scenario(server: subprocess.Popen[bytes], prom_proc: subprocess.Popen[bytes], grpc_port: int, api: PromAPI) -> None:
+def _run_scenario(
+    server: subprocess.Popen[bytes], prom_proc: subprocess.Popen[bytes], grpc_port: int, api: PromAPI
+) -> None:
     _wait_for("the server's health to be SERVING", lambda: _health_serving(grpc_port), 90, server)
     _wait_for("prometheus to be ready", api.ready, 60, prom_proc)
     _wait_for(
@@ -324,8 +329,10 @@ def _run_scenario(server: subprocess.Popen[bytes], prom_proc: subprocess.Popen[b
     assert _wait_for("the live-fidelity alert to trip", fidelity_alert_state, 30) == "pending"
     _wait_for(
         "the recording rules to produce series",
-        lambda: api.query(f'pruneserve:requests:rate5m{{model="{MODEL}",outcome="success"}} > 0')
-        and api.query(f'pruneserve:batch_size:mean_5m{{model="{MODEL}"}} >= 1'),
+        lambda: (
+            api.query(f'pruneserve:requests:rate5m{{model="{MODEL}",outcome="success"}} > 0')
+            and api.query(f'pruneserve:batch_size:mean_5m{{model="{MODEL}"}} >= 1')
+        ),
         30,
     )
 
@@ -338,9 +345,13 @@ def _run_scenario(server: subprocess.Popen[bytes], prom_proc: subprocess.Popen[b
         filled = expr.replace("$namespace", NAMESPACE).replace("$model", ".*").replace("$__rate_interval", "1m")
         api.query(filled)  # status success, or PromAPI raises
     panel_p99 = next(
-        e for e in dashboard_queries(dashboard()) if "histogram_quantile(0.99, sum by (model, le) (rate(pruneserve_request" in e
+        e
+        for e in dashboard_queries(dashboard())
+        if "histogram_quantile(0.99, sum by (model, le) (rate(pruneserve_request" in e
     )
-    assert api.query(panel_p99.replace("$namespace", NAMESPACE).replace("$model", ".*").replace("$__rate_interval", "1m"))
+    assert api.query(
+        panel_p99.replace("$namespace", NAMESPACE).replace("$model", ".*").replace("$__rate_interval", "1m")
+    )
 
     # The HPA's custom metric, as prometheus-adapter would query it for this pod.
     rules_by_name = {r["name"]["as"]: r for r in adapter_values()["rules"]["custom"]}
