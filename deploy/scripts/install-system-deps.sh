@@ -39,20 +39,20 @@ log "installing ${missing[*]}"
 # the tests start their own instance on a free port, and no init system may own one here.
 policy=/usr/sbin/policy-rc.d
 created_policy=0
+# apt's output is kept and shown only when a step fails.
+apt_log="$(mktemp)"
+# shellcheck disable=SC2317  # invoked by the EXIT trap
+cleanup() {
+    rm -f "$apt_log"
+    if [[ $created_policy -eq 1 ]]; then rm -f "$policy"; fi
+}
+trap cleanup EXIT
 if [[ ! -e "$policy" ]]; then
     printf '#!/bin/sh\nexit 101\n' >"$policy"
     chmod 0755 "$policy"
     created_policy=1
 fi
-cleanup() { if [[ $created_policy -eq 1 ]]; then rm -f "$policy"; fi; }
-trap cleanup EXIT
 
-# apt's output is kept and shown only when a step fails.
-apt_log="$(mktemp)"
-cleanup() {
-    rm -f "$apt_log"
-    if [[ $created_policy -eq 1 ]]; then rm -f "$policy"; fi
-}
 if ! apt-get update -qq >"$apt_log" 2>&1; then
     cat "$apt_log" >&2
     log "apt-get update failed; tests needing ${missing[*]} will skip"
