@@ -341,6 +341,11 @@ def quantize_ort(
         "entropy": CalibrationMethod.Entropy,
     }
     inputs = [i.name for i in onnx.load(str(fp32_path), load_external_data=False).graph.input]
+    if calibration != "minmax":
+        # The histogram collectors stack every batch's activations into one array, so all
+        # batches need one shape: pad to the longest (masked positions add a little to the
+        # histogram's tails; percentile/entropy cut tails anyway).
+        calibration_feeds = [stack_items(split_items(calibration_feeds))]
     with _quiet_root_logger():
         quantize_static(
             str(fp32_path),

@@ -18,6 +18,7 @@ from pruneserve.optimizer.static_int8 import (
     batch_invariance,
     fidelity,
     ort_runner,
+    quantize_ort,
     quantize_static_int8,
     split_items,
     stack_items,
@@ -89,6 +90,16 @@ def test_static_int8_meets_floor_and_is_batch_invariant(tiny: dict, auto_result,
     assert _probe_invariance(ov_run, probe) <= INVARIANT
     assert fidelity(ov_run, tiny["evals"], tiny["reference"]) >= 0.95
     assert result.to_manifest()["mode"] == "static"
+
+
+@pytest.mark.parametrize("calibration", ["percentile", "entropy"])
+def test_histogram_calibration_on_texts_of_different_lengths(tiny: dict, calibration: str) -> None:
+    out = tiny["folder"] / f"ort-{calibration}.onnx"
+    settings = quantize_ort(tiny["fp32"], out, tiny["calibration"], calibration=calibration)
+    assert settings["calibration"] == calibration and settings["s8s8_symmetric"]
+    run = ort_runner(out)
+    assert fidelity(run, tiny["evals"], tiny["reference"]) >= 0.95
+    assert batch_invariance(run, tiny["evals"]) <= INVARIANT
 
 
 def test_fp32_is_batch_invariant_and_dynamic_int8_is_not(tiny: dict) -> None:
