@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -54,35 +54,23 @@ class RecoveryStage:
 
 
 class _Stop(Exception):
-    """Raised from a hook once the tensors of the layer being refit are captured."""
+    """Raised from a hook once the tensors of the projection being refit are captured."""
 
 
-def _run_until(encoder: Encoder, batch: Batch, hooks: list[Any]) -> None:
-    """Run ``encoder`` on ``batch`` until a hook raises :class:`_Stop`; then remove ``hooks``."""
-    try:
-        encoder(**batch.inputs)
-    except _Stop:
-        pass
-    finally:
-        for handle in hooks:
-            handle.remove()
+def _modules(block: nn.Module, kind: str) -> tuple[nn.Linear, nn.Module]:
+    """The projection refit for ``kind`` and the LayerNorm whose input is the target sum."""
+    return (block.attention.o, block.attn_norm) if kind == "attention" else (block.ffn_out, block.ffn_norm)
 
 
-def _capture(
-    student: Encoder, teacher: Encoder, batch: Batch, layer: int, kind: str
-) -> tuple[Tensor, Tensor]:
-    """Inputs ``X`` of the projection being refit and its regression target ``Y``, over real tokens.
-
-    ``kind`` is ``attention`` (projection ``o``, sum read at ``attn_norm``) or ``ffn``
-    (``ffn_out``, sum read at ``ffn_norm``).
-    """
+def _run_until_norm(block: nn.Module, hidden: Tensor, mask_bias: Tensor, kind: str, capture_projection: bool
+                    ) -> dict[str, Tensor]:
+    """Run one encoder layer until the ``kind`` LayerNorm's input is known; return the captured tensors."""
+    proj, norm = _modules(block, kind)
     got: dict[str, Tensor] = {}
 
-    def modules(encoder: Encoder) -> tuple[nn.Linear, nn.Module]:
-        block = encoder.layers[layer]
-        return (block.attention.o, block.attn_norm) if kind == "attention" else (block.ffn_out, block.ffn_norm)
-
-    proj, norm = modules(student)
+    def save_sum(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
+        got["sum"] = args[0]
+        raise _Stop
 
     def save_input(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
         got["x"] = args[0]
@@ -90,55 +78,54 @@ def _capture(
     def save_output(_module: nn.Module, _args: tuple[Tensor, ...], out: Tensor) -> None:
         got["out"] = out
 
-    def save_sum(name: str) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
-        def hook(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
-            got[name] = args[0]
-            raise _Stop
-
-        return hook
-
-    _run_until(
-        student,
-        batch,
-        [proj.register_forward_pre_hook(save_input), proj.register_forward_hook(save_output),
-         norm.register_forward_pre_hook(save_sum("student_sum"))],
-    )
-    _run_until(teacher, batch, [modules(teacher)[1].register_forward_pre_hook(save_sum("teacher_sum"))])
-    residual = got["student_sum"] - got["out"]
-    real = batch.attention_mask.bool()
-    return got["x"][real], (got["teacher_sum"] - residual)[real]
+    handles = [norm.register_forward_pre_hook(save_sum)]
+    if capture_projection:
+        handles += [proj.register_forward_pre_hook(save_input), proj.register_forward_hook(save_output)]
+    try:
+        block(hidden, mask_bias)
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return got
 
 
 def refit_projection(
-    student: Encoder,
-    teacher: Encoder,
-    batches: Sequence[Batch],
-    layer: int,
+    student_block: nn.Module,
+    teacher_block: nn.Module,
+    student_inputs: Sequence[Tensor],
+    teacher_inputs: Sequence[Tensor],
+    mask_biases: Sequence[Tensor],
+    token_masks: Sequence[Tensor],
     kind: str,
     alpha_scale: float,
 ) -> None:
-    """Ridge-refit one layer's ``o`` (``kind="attention"``) or ``ffn_out`` (``kind="ffn"``) in place."""
+    """Ridge-refit one layer's ``o`` (``kind="attention"``) or ``ffn_out`` (``kind="ffn"``) in place.
+
+    ``*_inputs`` are each model's hidden states entering this layer, per batch; only real
+    (non-padding) tokens, ``token_masks``, enter the regression.
+    """
     import torch
 
-    block = student.layers[layer]
-    proj: nn.Linear = block.attention.o if kind == "attention" else block.ffn_out
+    proj, _ = _modules(student_block, kind)
     n_in = proj.in_features
     gram = torch.zeros(n_in + 1, n_in + 1, dtype=torch.float64)
     cross = torch.zeros(n_in + 1, proj.out_features, dtype=torch.float64)
-    with torch.no_grad():
-        for batch in batches:
-            x, y = _capture(student, teacher, batch, layer, kind)
-            xa = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
-            # float32 products per batch (fast), float64 accumulation (exact enough over 10^5 tokens).
-            gram += (xa.T @ xa).double()
-            cross += (xa.T @ y).double()
-        original = torch.cat([proj.weight.T, proj.bias[None, :]], dim=0).double()
-        alpha = alpha_scale * float(gram.diagonal()[:n_in].mean())
-        solved = torch.linalg.solve(
-            gram + alpha * torch.eye(n_in + 1, dtype=torch.float64), cross + alpha * original
-        )
-        proj.weight.copy_(solved[:n_in].T.to(proj.weight.dtype))
-        proj.bias.copy_(solved[n_in].to(proj.bias.dtype))
+    for h_s, h_t, bias, real in zip(student_inputs, teacher_inputs, mask_biases, token_masks):
+        student = _run_until_norm(student_block, h_s, bias, kind, capture_projection=True)
+        teacher = _run_until_norm(teacher_block, h_t, bias, kind, capture_projection=False)
+        residual = student["sum"] - student["out"]
+        x, y = student["x"][real], (teacher["sum"] - residual)[real]
+        xa = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+        # float32 products per batch (fast), float64 accumulation (exact enough over 10^5 tokens).
+        gram += (xa.T @ xa).double()
+        cross += (xa.T @ y).double()
+    original = torch.cat([proj.weight.T, proj.bias[None, :]], dim=0).double()
+    alpha = alpha_scale * float(gram.diagonal()[:n_in].mean())
+    solved = torch.linalg.solve(gram + alpha * torch.eye(n_in + 1, dtype=torch.float64), cross + alpha * original)
+    proj.weight.copy_(solved[:n_in].T.to(proj.weight.dtype))
+    proj.bias.copy_(solved[n_in].to(proj.bias.dtype))
 
 
 def refit(
@@ -152,20 +139,36 @@ def refit(
 ) -> None:
     """Refit ``kinds`` ("attention", "ffn") layer by layer, bottom up, in place.
 
-    Layers that kept no heads (or no neurons) have nothing to refit and are skipped.
+    Both models' hidden states are carried from layer to layer (one pass over the data per
+    layer instead of a forward pass per projection), so layer ``l`` is fitted to what the
+    already refit layers below it produce. Layers that kept no heads (or no neurons) have
+    nothing to refit and are skipped.
     """
+    import torch
     from tqdm.auto import tqdm
+
+    from pruneserve.optimizer.modeling import MASK_BIAS
 
     was_training = student.training
     student.eval()
     teacher.eval()
     try:
-        jobs = [(layer, kind) for layer in range(len(student.layers)) for kind in kinds]
-        for layer, kind in tqdm(jobs, desc="least-squares refit", unit="proj", disable=not progress, leave=False):
-            block = student.layers[layer]
-            width = block.attention.num_heads if kind == "attention" else block.ffn_size
-            if width:
-                refit_projection(student, teacher, batches, layer, kind, alpha_scale)
+        with torch.no_grad():
+            h_s = [student.embeddings(b.inputs["input_ids"], b.inputs.get("token_type_ids")) for b in batches]
+            h_t = [teacher.embeddings(b.inputs["input_ids"], b.inputs.get("token_type_ids")) for b in batches]
+            # The same additive mask Encoder.encode builds: 0 where attended, MASK_BIAS where padded.
+            biases = [(1.0 - b.attention_mask[:, None, None, :].float()) * MASK_BIAS for b in batches]
+            real = [b.attention_mask.bool() for b in batches]
+            for layer in tqdm(range(len(student.layers)), desc="least-squares refit", unit="layer",
+                              disable=not progress, leave=False):
+                s_block, t_block = student.layers[layer], teacher.layers[layer]
+                for kind in kinds:
+                    width = s_block.attention.num_heads if kind == "attention" else s_block.ffn_size
+                    if width:
+                        refit_projection(s_block, t_block, h_s, h_t, biases, real, kind, alpha_scale)
+                if layer + 1 < len(student.layers):
+                    h_s = [s_block(h, bias) for h, bias in zip(h_s, biases)]
+                    h_t = [t_block(h, bias) for h, bias in zip(h_t, biases)]
     finally:
         student.train(was_training)
 
