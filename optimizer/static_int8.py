@@ -574,8 +574,10 @@ def quantize_static_int8(
                 ):
                     done = True
                     break
-            if not done and config.max_excluded > 0 and tried and tried[-1].error is None:
-                calibration = config.ort_calibrations[0]
+            measured = [a for a in tried if a.method == "ort" and a.error is None and a.fidelity is not None]
+            if not done and config.max_excluded > 0 and measured:
+                # Exclude nodes on top of the best calibration tried; its ranges are cached.
+                calibration = str(max(measured, key=lambda a: a.fidelity or 0.0).settings["calibration"])
                 cache = work / f"ranges-{calibration}.json"
                 ranked = _node_sensitivity(
                     src, work, calibration_feeds, eval_feeds, reference_outputs, calibration, cache, config.threads
