@@ -212,31 +212,32 @@ def search(
             progress=progress,
         )
 
-    def point(step: int, hm: Tensor, fm: Tensor, accepted: bool = True) -> TraceStep:
+    def point(step: int, hm: Tensor, fm: Tensor) -> TraceStep:
         heads_removed, ffn_removed = total_heads - int(hm.sum()), total_ffn - int(fm.sum())
         flops = (heads_removed * flops_per_unit[0] + ffn_removed * flops_per_unit[1]) / model_flops
         quality = fidelity(encoder, teacher_eval, eval_batches, head_gates=hm, ffn_gates=fm)
         logger.info(
-            "step %d: -%d heads, -%d neurons (%.1f%% FLOPs): %s%s", step, heads_removed, ffn_removed,
-            100 * flops, quality.describe(), "" if accepted else " (rejected: below the floor)",
+            "step %d: -%d heads, -%d neurons (%.1f%% FLOPs): %s", step, heads_removed, ffn_removed,
+            100 * flops, quality.describe(),
         )
-        return TraceStep(step, heads_removed, ffn_removed, flops, quality, accepted)
+        return TraceStep(step, heads_removed, ffn_removed, flops, quality)
 
+    # Check the fractions before any (expensive) scoring; with a floor they are caps, clipped later.
+    target_heads = round(budget.head_fraction * total_heads)
+    target_ffn = round(budget.ffn_fraction * total_ffn)
+    for what, target, limit, total in (
+        ("heads", target_heads, max_heads, total_heads), ("FFN neurons", target_ffn, max_ffn, total_ffn)
+    ):
+        if budget.quality_floor is None and target > limit:
+            raise BudgetError(
+                f"removing {target} of {total} {what} is impossible: protected_layers {list(budget.protected_layers)} "
+                f"and min_heads_per_layer={budget.min_heads_per_layer} keep some, so at most {limit} "
+                f"({limit / total:.3f}) can go; lower the fraction or relax the protection"
+            )
     first = score(head_mask, ffn_mask)
     trace = [point(0, head_mask, ffn_mask)]
     current = first
     if budget.quality_floor is None:
-        target_heads = round(budget.head_fraction * total_heads)
-        target_ffn = round(budget.ffn_fraction * total_ffn)
-        for what, target, limit, total in (
-            ("heads", target_heads, max_heads, total_heads), ("FFN neurons", target_ffn, max_ffn, total_ffn)
-        ):
-            if target > limit:
-                raise BudgetError(
-                    f"removing {target} of {total} {what} is impossible: protected_layers {list(budget.protected_layers)} "
-                    f"and min_heads_per_layer={budget.min_heads_per_layer} keep some, so at most {limit} "
-                    f"({limit / total:.3f}) can go; lower the fraction or relax the protection"
-                )
         per_step_heads = max(1, math.ceil(budget.step_fraction * total_heads))
         per_step_ffn = max(1, math.ceil(budget.step_fraction * total_ffn))
         step = 0
