@@ -15,6 +15,7 @@ import ast
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -207,8 +208,6 @@ _AUDIT = textwrap.dedent(
 
 def test_serving_opens_only_onnx_and_json_and_never_unpickles(embedding_artifact: Path, tmp_path: Path) -> None:
     artifact = tmp_path / "artifact"
-    import shutil
-
     shutil.copytree(embedding_artifact, artifact)
     marker = tmp_path / "PWNED"
     # Files a careless loader might pick up; neither is listed in the manifest.
