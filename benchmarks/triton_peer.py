@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     @batch
     def infer(text: np.ndarray) -> dict[str, np.ndarray]:
         texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in text.reshape(-1)]
-        return {"embedding": model.embed(texts).astype(np.float32, copy=False)}
+        return {model.output: model.embed(texts).astype(np.float32, copy=False)}
 
     config = TritonConfig(
         http_address="127.0.0.1",
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             model_name=name,
             infer_func=infer,
             inputs=[Tensor(name="text", dtype=bytes, shape=(1,))],
-            outputs=[Tensor(name="embedding", dtype=np.float32, shape=(model.dim,))],
+            outputs=[Tensor(name=model.output, dtype=np.float32, shape=(model.dim,))],
             config=ModelConfig(
                 max_batch_size=args.max_batch_size,
                 batcher=DynamicBatcher(max_queue_delay_microseconds=int(args.max_queue_delay_ms * 1000)),
