@@ -130,7 +130,7 @@ def _importance_flags(parser: argparse.ArgumentParser) -> None:
                        help="global: one ranking across layers (default); layer: L2-normalise per layer")
     group.add_argument("--loss", choices=("auto", "cross_entropy", "contrastive"),
                        help="auto: cross-entropy for classifiers, contrastive vs the original for embeddings")
-    group.add_argument("--temperature", type=float, help="contrastive loss temperature (default 0.5)")
+    group.add_argument("--temperature", type=float, help="contrastive loss temperature (default 0.05)")
     group.add_argument("--score-examples", type=int, dest="score_examples", metavar="N",
                        help="texts per scoring pass (default 512; the search re-scores after every step)")
 

@@ -100,7 +100,7 @@ class ImportanceConfig:
     better here) and ``layer`` divides each layer's scores by their L2 norm (bertology default).
     ``loss``: ``auto`` = cross-entropy for classifiers, in-batch contrastive loss against the
     original model for embedding models. ``temperature`` is the contrastive softmax
-    temperature (see :mod:`pruneserve.optimizer.importance` for why it is not 0.05).
+    temperature (0.05 ranked best when measured; see :mod:`pruneserve.optimizer.importance`).
     ``max_examples`` caps the texts per scoring pass (the search re-scores after every step,
     so this bounds its cost; ``None`` = the whole scoring split).
     """
@@ -108,7 +108,7 @@ class ImportanceConfig:
     method: ImportanceMethod = "michel"
     normalize: Normalization = "global"
     loss: ImportanceLoss = "auto"
-    temperature: float = 0.5
+    temperature: float = 0.05
     max_examples: int | None = 512
 
     def __post_init__(self) -> None:
@@ -117,7 +117,7 @@ class ImportanceConfig:
         _check_choice("importance.loss", self.loss, get_args(ImportanceLoss))
         _check_range(
             "importance.temperature", self.temperature, 0.0, 10.0, low_open=True,
-            fix="use a temperature such as 0.5 (lower values saturate the loss at the unpruned point)",
+            fix="use a temperature such as 0.05",
         )
         if self.max_examples is not None:
             _check_int("importance.max_examples", self.max_examples, 2, fix="score on at least a few hundred texts")
