@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import os
 import queue
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -29,6 +26,7 @@ import psutil
 import pytest
 import tritonclient.grpc as tc
 from grpc_harness import texts_request
+from serve_process import ServeProcess
 
 from pruneserve.server._proto import grpc_service_pb2 as pb
 from pruneserve.server._proto import grpc_service_pb2_grpc as pb_grpc
@@ -54,48 +52,14 @@ class Tally:
     wrong: list[str] = field(default_factory=list)
 
 
-class ServeProcess:
-    """``pruneserve serve`` on a free localhost port; stderr kept for the failure message."""
-
-    def __init__(self, artifacts: list[Path]) -> None:
-        cmd = [
-            sys.executable, "-m", "pruneserve.cli", "serve", *map(str, artifacts), "--host", "127.0.0.1",
-            "--grpc-port", "0", "--metrics-port", "0", "--threads", "1", "--max-batch-size", "8",
-            "--max-queue-delay-ms", "2", "--max-queue-size", "256", "--grace-seconds", "10",
-        ]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-        self.lines: list[str] = []
-        self._port: int | None = None
-        self._ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            match = re.search(r"gRPC listening on 127\.0\.0\.1:(\d+)", line)
-            if match:
-                self._port = int(match.group(1))
-                self._ready.set()
-        self._ready.set()
-
-    @property
-    def url(self) -> str:
-        if not self._ready.wait(120) or self._port is None:
-            raise AssertionError("server did not start:\n" + self.log())
-        return f"127.0.0.1:{self._port}"
-
-    def log(self) -> str:
-        return "".join(self.lines[-60:])
-
-
 @pytest.fixture
 def serve_process(embedding_artifact: Path, classifier_artifact: Path) -> Iterator[ServeProcess]:
-    proc = ServeProcess([embedding_artifact, classifier_artifact])
+    proc = ServeProcess(
+        [embedding_artifact, classifier_artifact],
+        "--max-batch-size", "8", "--max-queue-delay-ms", "2", "--max-queue-size", "256", "--grace-seconds", "10",
+    )  # fmt: skip
     yield proc
-    if proc.proc.poll() is None:
-        proc.proc.kill()
-        proc.proc.wait(10)
+    proc.close()
 
 
 def _expected(url: str) -> dict[tuple[str, bytes], np.ndarray]:
