@@ -208,14 +208,13 @@ def run_score(args: argparse.Namespace) -> int:
         "model": loaded.name,
         "model_sha256": loaded.source_sha256,
         "data": split.source,
-        "score_examples": len(split.score),
         **importance.to_dict(),
     }
     (args.out / "importance.json").write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     plots.importance_heatmap(importance, args.out / "importance.png", title=loaded.name)
     heads = importance.heads
     print(f"scored {heads.shape[0]} layers x {heads.shape[1]} heads and {importance.ffn.shape[1]} FFN neurons "
-          f"per layer on {len(split.score)} examples in {time.perf_counter() - started:.1f} s")
+          f"per layer on {importance.examples} examples in {time.perf_counter() - started:.1f} s")
     print(f"wrote {args.out / 'importance.json'} and {args.out / 'importance.png'}")
     return 0
 

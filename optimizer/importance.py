@@ -62,6 +62,7 @@ class Importance:
     method: str = "michel"
     normalize: str = "global"
     loss: str = "contrastive"
+    examples: int = 0  # texts the scores were summed over
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: nested lists of floats plus how the scores were made."""
@@ -69,6 +70,7 @@ class Importance:
             "method": self.method,
             "normalize": self.normalize,
             "loss": self.loss,
+            "examples": self.examples,
             "heads": self.heads.tolist(),
             "ffn": self.ffn.tolist(),
         }
@@ -84,6 +86,7 @@ class Importance:
             method=data.get("method", "michel"),
             normalize=data.get("normalize", "global"),
             loss=data.get("loss", "contrastive"),
+            examples=int(data.get("examples", 0)),
         )
 
 
@@ -165,7 +168,7 @@ def compute_importance(
 
     was_training = encoder.training
     grad_flags = [(p, p.requires_grad) for p in encoder.parameters()]
-    used = 0
+    used = examples = 0
     try:
         encoder.eval()  # no dropout: the gradient should reflect the deployed model
         for p, _ in grad_flags:
@@ -187,6 +190,7 @@ def compute_importance(
                 heads += g_heads.double().abs()
                 ffn += g_ffn.double().abs()
             used += 1
+            examples += batch.size
     finally:
         for p, flag in grad_flags:
             p.requires_grad_(flag)
@@ -199,5 +203,6 @@ def compute_importance(
         ffn = ffn / ffn.norm(dim=1, keepdim=True).clamp_min(1e-20)
     logger.debug("importance (%s, %s, %s) over %d batches", config.method, kind, config.normalize, used)
     return Importance(
-        heads=heads.float(), ffn=ffn.float(), method=config.method, normalize=config.normalize, loss=kind
+        heads=heads.float(), ffn=ffn.float(), method=config.method, normalize=config.normalize, loss=kind,
+        examples=examples,
     )

@@ -48,7 +48,7 @@ def test_score_writes_json_and_heatmap(model: Path, data: Path, tmp_path: Path, 
     assert document["method"] == "fisher" and document["loss"] == "contrastive"
     assert len(document["heads"]) == 3 and all(len(row) == 4 for row in document["heads"])
     assert all(len(row) == 64 for row in document["ffn"])
-    assert document["score_examples"] == 72  # 96 texts, a quarter held out
+    assert document["examples"] == 72  # 96 texts, a quarter held out
     assert (out / "importance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "wrote" in capsys.readouterr().out
 

@@ -45,6 +45,7 @@ def test_shapes_and_values(embedder: LoadedModel, classifier: LoadedModel) -> No
         scores = compute_importance(loaded.encoder, batches_for(loaded, TEXTS[:32]), ImportanceConfig())
         assert scores.heads.shape == (spec.num_layers, spec.num_heads)
         assert scores.ffn.shape == (spec.num_layers, spec.intermediate_size)
+        assert scores.examples == 32
         for t in (scores.heads, scores.ffn):
             assert torch.isfinite(t).all() and (t >= 0).all() and (t > 0).float().mean() > 0.9
     assert compute_importance(classifier.encoder, batches_for(classifier, TEXTS[:16]), ImportanceConfig()).loss == (
@@ -73,6 +74,12 @@ def test_score_is_the_gate_gradient(embedder: LoadedModel) -> None:
             assert scores.heads[layer, head].item() == pytest.approx(numeric, rel=1e-3, abs=1e-9)
     finally:
         encoder.float()
+
+
+def test_scoring_pass_is_capped(embedder: LoadedModel) -> None:
+    batches = batches_for(embedder, TEXTS[:64])  # 4 batches of 16
+    assert compute_importance(embedder.encoder, batches, ImportanceConfig(max_examples=20)).examples == 32
+    assert compute_importance(embedder.encoder, batches, ImportanceConfig(max_examples=None)).examples == 64
 
 
 def test_michel_and_fisher_differ_as_defined(embedder: LoadedModel) -> None:
