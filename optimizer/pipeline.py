@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pruneserve.optimizer.config import PRESETS, PruneConfig, preset
-from pruneserve.optimizer.errors import ConfigError, OptimizerError
+from pruneserve.optimizer.errors import ConfigError, DataError, ModelLoadError
 from pruneserve.optimizer.export import ExportConfig
 from pruneserve.optimizer.fusion import FusionConfig
 from pruneserve.optimizer.quantize import QuantizeConfig
@@ -230,16 +230,22 @@ class OptimizeResult:
     seconds: float
 
 
-def _check_out(config: OptimizeConfig) -> None:
+def _preflight(config: OptimizeConfig) -> None:
+    """Fail on what can be checked in milliseconds before minutes of work start."""
     out = Path(config.out)
     if out.exists() and not config.overwrite:
         raise ConfigError(f"--out {out} already exists; choose another folder or pass --overwrite")
+    if config.model is not None and not Path(config.model).expanduser().is_dir():
+        raise ModelLoadError(
+            f"model folder {config.model} does not exist; pass a local Hugging Face model folder to --model"
+        )
+    data = config.prune.data.path
+    if data is not None and not Path(data).expanduser().is_file():
+        raise DataError(f"data file {data} does not exist; pass an existing file to --data")
 
 
 def run_optimize(config: OptimizeConfig, progress: bool = True) -> OptimizeResult:
     """Run every stage and write the artifact to ``config.out`` (nothing is written on failure)."""
-    import torch
-
     from pruneserve.artifact import Manifest, write_artifact
     from pruneserve.optimizer import report, validate
     from pruneserve.optimizer.adapters import load_model
@@ -249,7 +255,7 @@ def run_optimize(config: OptimizeConfig, progress: bool = True) -> OptimizeResul
     from pruneserve.optimizer.quality import teacher_outputs
     from pruneserve.optimizer.quantize import quantize
 
-    _check_out(config)  # fail before minutes of work, not after
+    _preflight(config)
     started = time.perf_counter()
     stages = _Stages()
     floor = config.effective_floor
@@ -344,7 +350,6 @@ def run_optimize(config: OptimizeConfig, progress: bool = True) -> OptimizeResul
 
     seconds = round(time.perf_counter() - started, 1)
     logger.info("optimize: wrote %s in %.0f s", artifact.path, seconds)
-    del torch
     return OptimizeResult(artifact, pruned, quantized, report_, list(stages), seconds)
 
 
@@ -479,4 +484,4 @@ def _json_bytes(data: Any) -> bytes:
     return (json.dumps(data, indent=2) + "\n").encode()
 
 
-__all__ = ["OptimizeConfig", "OptimizeResult", "StageRecord", "run_optimize", "OptimizerError"]
+__all__ = ["OptimizeConfig", "OptimizeResult", "StageRecord", "run_optimize"]
