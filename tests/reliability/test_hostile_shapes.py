@@ -88,7 +88,7 @@ def test_enormous_declared_shape_is_invalid_argument(
     strict=True,
     reason="server/servicer.py deserialize_bytes_tensor allocates np.empty(count, dtype=object) (8 bytes per "
     "declared element) before checking that the buffer can hold count length prefixes, so a 4-byte message "
-    "declaring 2**26 texts costs 512 MiB (reported to the lead)",
+    "declaring 2**25 texts costs 256 MiB (reported to the lead)",
 )
 def test_declared_text_count_costs_no_memory_beyond_the_message(embedding_artifact: Path) -> None:
     server = ServeProcess([embedding_artifact])
@@ -96,9 +96,9 @@ def test_declared_text_count_costs_no_memory_beyond_the_message(embedding_artifa
         with grpc.insecure_channel(server.url) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             before = server.peak_rss()
-            # One empty text (a zero length prefix) in a message that declares 2**26 of them.
+            # One empty text (a zero length prefix) in a message that declares 2**25 of them.
             with pytest.raises(grpc.RpcError) as err:
-                stub.ModelInfer(_request("BYTES", "raw", [2**26, 1], raw=b"\0\0\0\0"), timeout=60)
+                stub.ModelInfer(_request("BYTES", "raw", [2**25, 1], raw=b"\0\0\0\0"), timeout=60)
             assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
             growth = server.peak_rss() - before
     finally:
