@@ -2,7 +2,8 @@
 
 The engine is held by :class:`tiny_artifacts.GatedEngine` (its runs block until the test opens
 the gate), so "at once" is proven by order, not by a clock: every refusal has arrived while
-the batch that holds the server up is still blocked. Nothing here asserts a duration.
+the batch that holds the server up is still blocked, and liveness, readiness, metadata and
+health are answered meanwhile. Nothing here asserts a duration.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_harness import ServerThread, make_config, serving, texts_request
 from tiny_artifacts import VOCAB, gate_model
 
@@ -76,6 +78,14 @@ def test_flood_past_the_queue_is_refused_while_the_queue_is_still_blocked(
         error = f.exception()
         assert isinstance(error, grpc.RpcError) and error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
         assert f"max_queue_size {MAX_QUEUE}" in (error.details() or "")
+    # Overload of the data plane never blocks the control plane: probes are answered meanwhile.
+    assert stub.ServerLive(pb.ServerLiveRequest(), timeout=10).live
+    assert stub.ModelReady(pb.ModelReadyRequest(name="tiny-embed"), timeout=10).ready
+    assert stub.ModelMetadata(pb.ModelMetadataRequest(name="tiny-embed"), timeout=10).name == "tiny-embed"
+    with grpc.insecure_channel(server.url) as channel:
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert not engine.gate.is_set() and not blocker.done()
 
     engine.gate.set()
     # Everything accepted is answered, correctly shaped: nothing lost, nothing failed.
