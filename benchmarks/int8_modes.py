@@ -66,6 +66,7 @@ def main() -> None:
         "--ort-floor", type=float, default=None,
         help="also run quantize_static_int8(method='ort') to this floor (calibration choices, sensitivity exclusions)",
     )
+    parser.add_argument("--graphs", default="", help="comma-separated substrings: time only graphs whose name has one")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "int8_modes.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -154,7 +155,10 @@ def main() -> None:
     engines = available_engines()
     runners: dict[str, Any] = {}
     rows: dict[str, dict[str, Any]] = {}
+    wanted = [w.strip() for w in args.graphs.split(",") if w.strip()]
     for gname, path in graphs.items():
+        if wanted and not any(w in gname for w in wanted):
+            continue
         for ekey in engines:
             if ekey not in (ONNXRUNTIME, OPENVINO_F32) and "fused" in gname:
                 continue

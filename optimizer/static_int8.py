@@ -341,6 +341,7 @@ def quantize_ort(
         "entropy": CalibrationMethod.Entropy,
     }
     inputs = [i.name for i in onnx.load(str(fp32_path), load_external_data=False).graph.input]
+    samples = len(calibration_feeds)
     if calibration != "minmax":
         # The histogram collectors stack every batch's activations into one array, so all
         # batches need one shape: pad to the longest (masked positions add a little to the
@@ -379,7 +380,7 @@ def quantize_ort(
         "per_channel": True,
         "excluded": len(exclude),
         "excluded_nodes": list(exclude),
-        "calibration_samples": len(calibration_feeds),
+        "calibration_samples": samples,
         **_qdq_summary(out_path),
     }
 
