@@ -12,6 +12,13 @@ that is not a :class:`ServerError` is a bug and is reported to the caller as a b
 
 from __future__ import annotations
 
+#: Longest message a :class:`ServerError` keeps. Messages quote client values (names,
+#: datatypes, shapes) and travel in a gRPC trailer, which clients drop beyond their metadata
+#: limit (8 KiB by default); they are also logged once per refused request.
+MAX_MESSAGE_CHARS = 512
+#: Longest client-supplied value :func:`quote` reproduces in full.
+MAX_QUOTED_CHARS = 64
+
 #: Every ``reason`` a request can end with, i.e. the values of the ``outcome`` metric label.
 OUTCOMES: tuple[str, ...] = (
     "success",
@@ -37,11 +44,38 @@ class ServerError(Exception):
     reason: str = "internal"
 
     def __init__(self, message: str = "internal error") -> None:
+        message = shorten(message, MAX_MESSAGE_CHARS)
         super().__init__(message)
         self.message = message
 
     def __str__(self) -> str:
         return self.message
+
+
+def shorten(text: str, limit: int) -> str:
+    """``text`` itself when it has at most ``limit`` characters, else its head and tail around a marker.
+
+    The tail is kept because messages end with the fix ("...; use one of ..."), and the
+    marker says how much was cut, so a reader never mistakes a shortened value for the whole.
+    """
+    if len(text) <= limit:
+        return text
+    marker = f" …[{len(text) - limit} characters cut]… "
+    keep = max(0, limit - len(marker))
+    head = keep * 3 // 4
+    return text[:head] + marker + text[len(text) - (keep - head) :]
+
+
+def quote(value: object, limit: int = MAX_QUOTED_CHARS) -> str:
+    """``repr(value)`` for a message, shortened to about ``limit`` characters.
+
+    Use it for every client-controlled value a message names, so one huge name cannot
+    crowd out the rest of the message under :data:`MAX_MESSAGE_CHARS`.
+    """
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return text[: max(1, limit - 1)] + f"…(+{len(text) - limit + 1} chars)"
 
 
 class InvalidArgumentError(ServerError):
@@ -105,6 +139,8 @@ class ConfigError(ServerError, ValueError):
 
 
 __all__ = [
+    "MAX_MESSAGE_CHARS",
+    "MAX_QUOTED_CHARS",
     "OUTCOMES",
     "CancelledError",
     "ConfigError",
@@ -115,4 +151,6 @@ __all__ = [
     "ResourceExhaustedError",
     "ServerError",
     "UnavailableError",
+    "quote",
+    "shorten",
 ]
