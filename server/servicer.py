@@ -31,7 +31,7 @@ import numpy as np
 from pruneserve.server._proto import grpc_service_pb2 as pb
 from pruneserve.server._proto import grpc_service_pb2_grpc as pb_grpc
 from pruneserve.server._proto import model_config_pb2 as mc
-from pruneserve.server.errors import InvalidArgumentError, ServerError
+from pruneserve.server.errors import InvalidArgumentError, ServerError, quote
 from pruneserve.server.interceptors import bind_request_id
 from pruneserve.server.metrics import UNKNOWN_MODEL
 from pruneserve.server.types import (
@@ -68,6 +68,12 @@ CONTENTS_FIELD: dict[str, str] = {
 }
 _ALL_CONTENTS_FIELDS: tuple[str, ...] = tuple(sorted(set(CONTENTS_FIELD.values())))
 _LENGTH_PREFIX = struct.Struct("<I")
+#: Most elements one request tensor may declare (the product of its non-zero dimensions).
+#: A shape is a client's promise, checked against the contents before anything is sized by
+#: it; this bound keeps counts inside what numpy can index and turns absurd promises into
+#: INVALID_ARGUMENT rather than an allocation error. Real inputs are far smaller: the
+#: message itself is capped by ``max_message_bytes`` (at most 2**31 - 1 bytes).
+MAX_TENSOR_ELEMENTS = 2**31 - 1
 #: A client-supplied deadline beyond this is treated as none (grpc reports "infinite" as huge).
 _MAX_DEADLINE_S = 10 * 365 * 24 * 3600.0
 
@@ -91,27 +97,36 @@ def deserialize_bytes_tensor(buffer: bytes, count: int, name: str) -> np.ndarray
     left of the buffer before slicing, so a hostile length cannot make us read past it or
     allocate more than the message already occupies.
     """
+    # Every element needs at least its 4-byte length, so a buffer of n bytes holds at most
+    # n // 4 of them. Checked before the object array (8 bytes per declared element) is
+    # allocated, so a 4-byte message declaring 2**25 texts costs nothing.
+    if count > len(buffer) // _LENGTH_PREFIX.size:
+        raise InvalidArgumentError(
+            f"input {quote(name)}: the shape declares {count} BYTES elements but the raw contents are "
+            f"{len(buffer)} bytes, room for at most {len(buffer) // _LENGTH_PREFIX.size} (each element is a "
+            "4-byte little-endian length followed by its bytes); make the shape match the contents"
+        )
     out = np.empty(count, dtype=object)
     view = memoryview(buffer)
     offset, size = 0, len(buffer)
     for i in range(count):
         if size - offset < _LENGTH_PREFIX.size:
             raise InvalidArgumentError(
-                f"input {name!r}: raw BYTES contents end after {i} of {count} elements; each element "
+                f"input {quote(name)}: raw BYTES contents end after {i} of {count} elements; each element "
                 "needs a 4-byte little-endian length followed by its bytes"
             )
         (length,) = _LENGTH_PREFIX.unpack_from(view, offset)
         offset += _LENGTH_PREFIX.size
         if length > size - offset:
             raise InvalidArgumentError(
-                f"input {name!r}: raw BYTES element {i} declares {length} bytes but only "
+                f"input {quote(name)}: raw BYTES element {i} declares {length} bytes but only "
                 f"{size - offset} remain in the buffer"
             )
         out[i] = bytes(view[offset : offset + length])
         offset += length
     if offset != size:
         raise InvalidArgumentError(
-            f"input {name!r}: raw BYTES contents hold {size - offset} bytes after the {count} elements "
+            f"input {quote(name)}: raw BYTES contents hold {size - offset} bytes after the {count} elements "
             "the shape declares; make the shape match the number of elements"
         )
     return out
@@ -129,11 +144,34 @@ def _parameters(params: Mapping[str, pb.InferParameter]) -> dict[str, Any]:
 
 
 def _element_count(name: str, shape: Iterable[int]) -> int:
+    """The number of elements ``shape`` declares, refusing shapes no request can honestly carry.
+
+    The bound applies to the product of the non-zero dimensions: a shape such as
+    ``[0, 2**63 - 1]`` declares no elements, but reshaping even an empty array to it fails,
+    so it is as unusable as a shape declaring that many elements.
+    """
     dims = list(shape)
     if any(d < 0 for d in dims):
-        raise InvalidArgumentError(f"input {name!r} has shape {dims}; every dimension of a request tensor must be >= 0")
-    # math.prod on Python ints cannot overflow; the count is only compared, never allocated.
+        raise InvalidArgumentError(
+            f"input {quote(name)} has shape {_shape_text(dims)}; every dimension of a request tensor must be >= 0"
+        )
+    # Python ints do not overflow, so the product is exact; it is compared with the bound
+    # before the caller sizes anything by it (the count later sizes arrays and reshapes).
+    nonzero = math.prod(d for d in dims if d)
+    if nonzero > MAX_TENSOR_ELEMENTS:
+        raise InvalidArgumentError(
+            f"input {quote(name)} has shape {_shape_text(dims)}, whose non-zero dimensions multiply to "
+            f"{nonzero}, over the limit of {MAX_TENSOR_ELEMENTS} elements per tensor; send a shape that "
+            "matches the contents"
+        )
     return math.prod(dims)
+
+
+def _shape_text(dims: list[int], limit: int = 8) -> str:
+    """A shape for a message; a client may send thousands of dimensions, so long ones are cut."""
+    if len(dims) <= limit:
+        return str(dims)
+    return f"[{', '.join(map(str, dims[:limit]))}, … ({len(dims)} dimensions)]"
 
 
 def _decode_typed(tensor: pb.ModelInferRequest.InferInputTensor, dtype: np.dtype[Any], count: int) -> np.ndarray:
@@ -141,19 +179,19 @@ def _decode_typed(tensor: pb.ModelInferRequest.InferInputTensor, dtype: np.dtype
     field = CONTENTS_FIELD.get(datatype)
     if field is None:
         raise InvalidArgumentError(
-            f"input {name!r} is {datatype}, which has no typed contents field; send it in raw_input_contents"
+            f"input {quote(name)} is {datatype}, which has no typed contents field; send it in raw_input_contents"
         )
     contents = tensor.contents
     misplaced = [f for f in _ALL_CONTENTS_FIELDS if f != field and len(getattr(contents, f))]
     if misplaced:
         raise InvalidArgumentError(
-            f"input {name!r} is {datatype} but carries data in {', '.join(misplaced)}; put its "
+            f"input {quote(name)} is {datatype} but carries data in {', '.join(misplaced)}; put its "
             f"{count} elements in contents.{field}"
         )
     values = getattr(contents, field)
     if len(values) != count:
         raise InvalidArgumentError(
-            f"input {name!r} has shape {list(tensor.shape)} ({count} elements) but contents.{field} "
+            f"input {quote(name)} has shape {_shape_text(list(tensor.shape))} ({count} elements) but contents.{field} "
             f"holds {len(values)}; send exactly one value per element"
         )
     if datatype == "BYTES":
@@ -165,7 +203,7 @@ def _decode_typed(tensor: pb.ModelInferRequest.InferInputTensor, dtype: np.dtype
         info = np.iinfo(dtype)
         if int(wide.min()) < info.min or int(wide.max()) > info.max:
             raise InvalidArgumentError(
-                f"input {name!r}: values must fit {datatype} ([{info.min}, {info.max}]), "
+                f"input {quote(name)}: values must fit {datatype} ([{info.min}, {info.max}]), "
                 f"got range [{int(wide.min())}, {int(wide.max())}]"
             )
     return wide.astype(dtype, copy=False) if wide.size else np.empty(0, dtype=dtype)
@@ -177,7 +215,7 @@ def _decode_raw(name: str, datatype: str, dtype: np.dtype[Any], count: int, raw:
     expected = count * dtype.itemsize
     if len(raw) != expected:
         raise InvalidArgumentError(
-            f"input {name!r}: raw contents are {len(raw)} bytes but {count} {datatype} elements need "
+            f"input {quote(name)}: raw contents are {len(raw)} bytes but {count} {datatype} elements need "
             f"{expected} ({dtype.itemsize} bytes each, little-endian)"
         )
     if datatype == "BOOL":
@@ -203,18 +241,18 @@ def decode_infer_request(request: pb.ModelInferRequest) -> InferRequest:
     for index, tensor in enumerate(request.inputs):
         name, datatype = tensor.name, tensor.datatype
         if name in seen:
-            raise InvalidArgumentError(f"input {name!r} appears more than once; send each input once")
+            raise InvalidArgumentError(f"input {quote(name)} appears more than once; send each input once")
         seen.add(name)
         dtype = DATATYPE_TO_NUMPY.get(datatype)
         if dtype is None:
             raise InvalidArgumentError(
-                f"input {name!r} has unknown datatype {datatype!r}; use one of {', '.join(DATATYPE_TO_NUMPY)}"
+                f"input {quote(name)} has unknown datatype {quote(datatype)}; use one of {', '.join(DATATYPE_TO_NUMPY)}"
             )
         count = _element_count(name, tensor.shape)
         if raw:
             if tensor.HasField("contents") and any(len(getattr(tensor.contents, f)) for f in _ALL_CONTENTS_FIELDS):
                 raise InvalidArgumentError(
-                    f"input {name!r} has typed contents while the request uses raw_input_contents; "
+                    f"input {quote(name)} has typed contents while the request uses raw_input_contents; "
                     "use one encoding for all inputs"
                 )
             flat = _decode_raw(name, datatype, dtype, count, raw[index])
