@@ -42,6 +42,12 @@ TASKS: tuple[str, ...] = ("embedding", "classification")
 #: ONNX input names an artifact may declare, in this order.
 KNOWN_INPUTS: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids")
 _CHUNK = 1 << 20
+#: Longest token sequence a manifest may declare (the server's own limit is the same).
+MAX_SEQUENCE_LENGTH = 1_000_000
+#: Free-form manifest fields: each must be a JSON object.
+_DICT_FIELDS: tuple[str, ...] = (
+    "runtime", "quantization", "pruning", "fusion", "quality", "latency", "engines", "source", "tool_versions", "config",
+)  # fmt: skip
 
 
 class ArtifactError(Exception):
@@ -73,10 +79,32 @@ class OutputSpec:
     datatype: str = "FP32"
 
     def __post_init__(self) -> None:
-        if not self.name:
-            raise ManifestError("output name must be non-empty")
-        if not self.dims or any((not isinstance(d, int)) or d <= 0 for d in self.dims):
-            raise ManifestError(f"output {self.name!r} has dims {self.dims!r}; expected positive integers")
+        if not isinstance(self.name, str) or not self.name:
+            raise ManifestError(f"output name {self.name!r} must be a non-empty string")
+        if (
+            not isinstance(self.dims, list)
+            or not self.dims
+            or any(not _is_int(d) or d <= 0 for d in self.dims)
+        ):
+            raise ManifestError(f"output {self.name!r} has dims {self.dims!r}; expected a list of positive integers")
+        if not isinstance(self.datatype, str):
+            raise ManifestError(f"output {self.name!r} has datatype {self.datatype!r}; expected a string such as 'FP32'")
+
+    @classmethod
+    def from_value(cls, value: Any) -> OutputSpec:
+        """An :class:`OutputSpec` from itself or a manifest's ``{"name", "dims", "datatype"}`` object."""
+        if isinstance(value, OutputSpec):
+            return value
+        if not isinstance(value, Mapping):
+            raise ManifestError(f"each entry of 'outputs' must be an object with name and dims, got {value!r}")
+        allowed = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - allowed)
+        if unknown:
+            raise ManifestError(f"output entry {dict(value)!r} has unknown keys {unknown}; allowed: {sorted(allowed)}")
+        missing = sorted({"name", "dims"} - set(value))
+        if missing:
+            raise ManifestError(f"output entry {dict(value)!r} lacks {missing}")
+        return cls(**value)
 
 
 @dataclass
@@ -120,7 +148,8 @@ class Manifest:
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
-        self.outputs = [o if isinstance(o, OutputSpec) else OutputSpec(**o) for o in self.outputs]
+        self._check_types()
+        self.outputs = [OutputSpec.from_value(o) for o in self.outputs]
         if self.schema_version != SCHEMA_VERSION:
             raise UnsupportedSchemaError(
                 f"manifest schema_version {self.schema_version!r} is not supported (this build reads "
@@ -132,13 +161,15 @@ class Manifest:
             )
         if self.task not in TASKS:
             raise ManifestError(f"task {self.task!r} is not one of {TASKS}")
-        if not isinstance(self.version, int) or self.version < 1:
+        if self.version < 1:
             raise ManifestError(f"version {self.version!r} must be an integer >= 1")
         unknown = [i for i in self.inputs if i not in KNOWN_INPUTS]
         if unknown or "input_ids" not in self.inputs:
             raise ManifestError(f"inputs {self.inputs!r} must include 'input_ids' and only {KNOWN_INPUTS}")
-        if not isinstance(self.max_sequence_length, int) or self.max_sequence_length < 2:
-            raise ManifestError(f"max_sequence_length {self.max_sequence_length!r} must be an integer >= 2")
+        if not 2 <= self.max_sequence_length <= MAX_SEQUENCE_LENGTH:
+            raise ManifestError(
+                f"max_sequence_length {self.max_sequence_length!r} must be an integer in [2, {MAX_SEQUENCE_LENGTH}]"
+            )
         if not self.outputs:
             raise ManifestError("manifest declares no outputs")
         if self.task == "classification":
@@ -150,6 +181,52 @@ class Manifest:
         for f in (self.model_file, self.tokenizer_file, self.reference_file):
             if f is not None:
                 _check_relative(f)
+        for name in self.files:
+            _check_relative(name)
+
+    def _check_types(self) -> None:
+        """Refuse a field of the wrong JSON type, naming it.
+
+        ``manifest.json`` is not covered by its own hash, so it may hold anything; every later
+        check (and the server) relies on the types the dataclass declares.
+        """
+        for name in ("name", "task", "model_file", "target"):
+            _expect(name, getattr(self, name), isinstance(getattr(self, name), str), "a string")
+        for name in ("tokenizer_file", "reference_file", "created_at"):
+            value = getattr(self, name)
+            _expect(name, value, value is None or isinstance(value, str), "a string or null")
+        for name in ("version", "max_sequence_length", "schema_version"):
+            _expect(name, getattr(self, name), _is_int(getattr(self, name)), "an integer")
+        _expect("opset", self.opset, self.opset is None or _is_int(self.opset), "an integer or null")
+        _expect("batch_invariant", self.batch_invariant, isinstance(self.batch_invariant, bool), "true or false")
+        floor = self.quality_floor
+        _expect(
+            "quality_floor", floor,
+            floor is None or (isinstance(floor, (int, float)) and not isinstance(floor, bool)), "a number or null",
+        )  # fmt: skip
+        for name in ("inputs", "labels"):
+            value = getattr(self, name)
+            _expect(
+                name, value, isinstance(value, list) and all(isinstance(v, str) for v in value), "a list of strings"
+            )
+        _expect("outputs", self.outputs, isinstance(self.outputs, list), "a list of {name, dims} objects")
+        for name in _DICT_FIELDS:
+            _expect(name, getattr(self, name), isinstance(getattr(self, name), dict), "an object")
+        _expect("files", self.files, isinstance(self.files, dict), 'an object of file name -> {"sha256", "size"}')
+        for fname, meta in self.files.items():
+            if not isinstance(fname, str) or not isinstance(meta, dict):
+                raise ManifestError(
+                    f"manifest field 'files' entry {fname!r}: {meta!r} must map a file name to "
+                    '{"sha256": hex string, "size": bytes}'
+                )
+            if not isinstance(meta.get("sha256"), str):
+                raise ManifestError(
+                    f"manifest field 'files' entry {fname!r} has sha256 {meta.get('sha256')!r}; expected a hex string"
+                )
+            if "size" in meta and (not _is_int(meta["size"]) or meta["size"] < 0):
+                raise ManifestError(
+                    f"manifest field 'files' entry {fname!r} has size {meta['size']!r}; expected an integer >= 0"
+                )
 
     # -- (de)serialisation -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -215,7 +292,27 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
+def _is_int(value: Any) -> bool:
+    """Whether ``value`` is an integer; JSON ``true``/``false`` are not (bool subclasses int)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _expect(field_name: str, value: Any, ok: bool, expected: str) -> None:
+    if not ok:
+        shown = repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        raise ManifestError(f"manifest field {field_name!r} is {shown} ({type(value).__name__}); expected {expected}")
+
+
 def _check_relative(name: str) -> None:
+    # NUL and other control characters make os calls raise ValueError (or name files no
+    # person can read back), so they are refused with the other unsafe names.
+    if not isinstance(name, str) or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise IntegrityError(
+            f"file name {name!r} in the manifest is not a plain relative path inside the artifact "
+            "(control characters are not allowed)"
+        )
     p = Path(name)
     if p.is_absolute() or ".." in p.parts or name in ("", ".") or "\\" in name:
         raise IntegrityError(
