@@ -77,6 +77,14 @@ class ModelRepository:
             raise ModelLoadError(f"artifact {os.fspath(path)} refused: {exc}") from exc
         except OSError as exc:  # unreadable file or folder (permissions, I/O error)
             raise ModelLoadError(f"artifact {os.fspath(path)} cannot be read: {exc}") from exc
+        except Exception as exc:
+            # A manifest the schema checks did not anticipate (load_artifact should have
+            # refused it as ArtifactError). Classified as a manifest fault: it is refused like
+            # one, and the traceback goes to the log for whoever fixes the check.
+            logger.warning("reading artifact %s raised %s", path, type(exc).__name__, exc_info=True)
+            cause = ManifestError(f"unexpected {type(exc).__name__} while reading the manifest: {exc}")
+            cause.__cause__ = exc
+            raise ModelLoadError(f"artifact {os.fspath(path)} refused: {cause}") from cause
         name, version = artifact.manifest.name, str(artifact.manifest.version)
         with self._lock:
             if version in self._models.get(name, {}):
@@ -94,6 +102,10 @@ class ModelRepository:
             raise ModelLoadError(f"artifact {os.fspath(path)} cannot be loaded: {exc}") from exc
         try:
             runtime.warmup()
+        except Exception as exc:
+            runtime.close()
+            logger.debug("warming up %s failed", path, exc_info=True)
+            raise ModelLoadError(f"artifact {os.fspath(path)} loaded but its warm-up run failed: {exc}") from exc
         except BaseException:
             runtime.close()
             raise
@@ -103,12 +115,20 @@ class ModelRepository:
         return runtime
 
     def load_all(self, paths: Iterable[str | os.PathLike[str]]) -> list[LoadFailure]:
-        """Load every artifact; refused ones are logged, counted and returned, the rest serve."""
+        """Load every artifact; refused ones are logged, counted and returned, the rest serve.
+
+        Never raises for one artifact (short of KeyboardInterrupt and the like): whatever goes
+        wrong with one folder becomes a :class:`LoadFailure`, so one bad folder cannot stop
+        the server from starting with the good ones.
+        """
         failures: list[LoadFailure] = []
         for path in paths:
             try:
                 self.load(path)
-            except ModelLoadError as exc:
+            except Exception as exc:
+                if not isinstance(exc, ModelLoadError):  # load() should have wrapped it: a bug, so the traceback
+                    logger.error("loading artifact %s raised %s", path, type(exc).__name__, exc_info=True)
+                    exc = ModelLoadError(f"artifact {os.fspath(path)} cannot be loaded: {type(exc).__name__}: {exc}")
                 cause = exc.__cause__ if exc.__cause__ is not None else exc
                 failure = LoadFailure(os.fspath(path), _failure_reason(cause), str(exc))
                 failures.append(failure)
