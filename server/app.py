@@ -78,7 +78,7 @@ class InferenceServer:
     @property
     def address(self) -> str:
         """``host:port`` the server listens on."""
-        return f"{self.config.host}:{self.port}"
+        return join_host_port(self.config.host, self.port)
 
     @property
     def metrics_port(self) -> int | None:
@@ -97,7 +97,7 @@ class InferenceServer:
             )
         except OSError as exc:
             raise ConfigError(
-                f"cannot serve metrics on {self.config.metrics_host}:{self.config.metrics_port}: {exc.strerror}; "
+                f"cannot serve metrics on {join_host_port(self.config.metrics_host, self.config.metrics_port)}: {exc.strerror}; "
                 "choose another --metrics-port (0 turns the endpoint off)"
             ) from None
 
@@ -170,6 +170,17 @@ def server_credentials(config: ServeConfig) -> grpc.ServerCredentials | None:
     )
 
 
+def join_host_port(host: str, port: int) -> str:
+    """``host:port``, with a bare IPv6 literal bracketed (``::1`` -> ``[::1]:8001``).
+
+    gRPC parses the text after the last ``:`` as the port, so ``::1:8001`` is not the IPv6
+    loopback; an already-bracketed literal or a name is left as it is.
+    """
+    if ":" in host and not host.startswith("["):
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
 def _grpc_options(config: ServeConfig) -> list[tuple[str, Any]]:
     return [
         ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -220,7 +231,7 @@ async def create_server(config: ServeConfig, dataplane: DataPlane | None = None)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     _enable_reflection(server)
 
-    address = f"{config.host}:{config.grpc_port}"
+    address = join_host_port(config.host, config.grpc_port)
     try:
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError as exc:  # grpc reports a failed bind as RuntimeError
@@ -232,9 +243,8 @@ async def create_server(config: ServeConfig, dataplane: DataPlane | None = None)
     await server.start()
     await health.start()
     logger.info(
-        "gRPC listening on %s:%d (%s), models: %s",
-        config.host,
-        port,
+        "gRPC listening on %s (%s), models: %s",
+        join_host_port(config.host, port),
         "mutual TLS" if config.tls_client_ca else "TLS" if config.tls_cert else "plaintext",
         ", ".join(dataplane.model_names()) or "none",
     )
@@ -270,4 +280,4 @@ async def serve(config: ServeConfig) -> int:
     return 0
 
 
-__all__ = ["INFERENCE_SERVICE_NAME", "InferenceServer", "create_server", "serve", "server_credentials"]
+__all__ = ["INFERENCE_SERVICE_NAME", "InferenceServer", "create_server", "join_host_port", "serve", "server_credentials"]

@@ -95,11 +95,6 @@ def test_serve_command_binds_the_flags_addresses(embedding_artifact: Path) -> No
 
 
 @pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback")
-@pytest.mark.xfail(
-    strict=True,
-    reason="server/app.py joins host and port as f'{host}:{port}', so a bare IPv6 literal ('::1') becomes "
-    "'::1:0', which gRPC misparses; the fix is to bracket hosts that contain ':' (reported to the lead)",
-)
 def test_ipv6_loopback_literal_binds_grpc_and_metrics(embedding_artifact: Path) -> None:
     metrics_port = _free_port("::1")
     config = make_config([embedding_artifact], host="::1", metrics_host="::1", metrics_port=metrics_port)
