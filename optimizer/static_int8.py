@@ -20,8 +20,9 @@ meets the quality floor is kept:
 ``ort``
     ONNX Runtime's ``quantize_static`` (QDQ, per-channel symmetric S8S8, weight x activation
     ``MatMul`` only, calibration ``minmax``/``percentile``/``entropy``), then, if the floor is
-    missed, the most sensitive nodes (measured: quality with only that node quantized) are
-    kept in float, doubling the count until the floor is met.
+    missed, the most sensitive nodes (measured: the quality regained by switching that one
+    node back to float in the quantized graph) are kept in float, doubling the count until
+    the floor is met.
 
 Graph form matters per runtime: ONNX Runtime's CPU provider folds QDQ around plain ``MatMul``
 into INT8 kernels, but on a graph already fused into ``Attention``/``SkipLayerNormalization``
@@ -75,6 +76,7 @@ class StaticInt8Config:
         fast_bias_correction: NNCF's bias correction after quantizing.
         ort_calibrations: ONNX Runtime calibration methods to try in order.
         max_excluded: most ``MatMul`` nodes the ORT path may keep in float.
+        sensitivity_batches: evaluation batches used to rank nodes (the first ones).
         invariance_tolerance: largest alone-vs-batched max abs difference accepted.
         threads: intra-op threads of the measuring sessions.
     """
@@ -85,6 +87,7 @@ class StaticInt8Config:
     fast_bias_correction: bool = True
     ort_calibrations: tuple[str, ...] = ("minmax", "percentile")
     max_excluded: int = 8
+    sensitivity_batches: int = 2
     invariance_tolerance: float = DEFAULT_INVARIANCE_TOLERANCE
     threads: int = 1
 
@@ -99,6 +102,8 @@ class StaticInt8Config:
             raise ConfigError(f"ORT calibration methods {bad} are not among {ORT_CALIBRATIONS}; use 'minmax'")
         if self.smooth_quant_alpha is not None and not 0.0 < self.smooth_quant_alpha <= 1.0:
             raise ConfigError(f"smooth_quant_alpha {self.smooth_quant_alpha} must lie in (0, 1], e.g. 0.95, or be None")
+        if self.sensitivity_batches < 1:
+            raise ConfigError(f"sensitivity_batches {self.sensitivity_batches} must be >= 1, e.g. 2")
         if self.max_excluded < 0:
             raise ConfigError(f"max_excluded {self.max_excluded} must be >= 0, e.g. 8")
         if not self.invariance_tolerance > 0:
@@ -449,23 +454,112 @@ def _measure(
     logger.info("static INT8 %s", attempt.describe())
 
 
+def _float_source(
+    name: str, producers: Mapping[str, onnx.NodeProto], fp32_weights: Mapping[str, onnx.TensorProto]
+) -> tuple[str, onnx.TensorProto | None] | None:
+    """The float tensor a ``DequantizeLinear`` output stands for: ``(activation name, None)`` or
+    ``(weight name, original fp32 initializer)``; None when ``name`` is not a DQ output."""
+    dq = producers.get(name)
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return None
+    q = producers.get(dq.input[0])
+    if q is not None and q.op_type == "QuantizeLinear":
+        return q.input[0], None
+    weight = dq.input[0].removesuffix("_quantized")
+    return (weight, fp32_weights[weight]) if weight in fp32_weights else None
+
+
+def _without_quantization(
+    qdq: onnx.ModelProto, fp32: onnx.ModelProto, nodes: Sequence[str] | None
+) -> onnx.ModelProto:
+    """``qdq`` with the QDQ pairs around ``nodes`` bypassed (all pairs when None), in memory.
+
+    A bypassed node reads its float inputs again (original fp32 weights) and its consumers read
+    its float output (ORT also quantizes outputs it can propagate through). Used to rank nodes,
+    not to ship: the kept graph is re-quantized with ``nodes_to_exclude``.
+    """
+    model = onnx.ModelProto()
+    model.CopyFrom(qdq)
+    graph = model.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    fp32_weights = {i.name: i for i in fp32.graph.initializer}
+    replace: dict[str, tuple[str, onnx.TensorProto | None]] = {}
+    if nodes is None:
+        for n in graph.node:
+            if n.op_type == "DequantizeLinear":
+                source = _float_source(n.output[0], producers, fp32_weights)
+                if source is not None:
+                    replace[n.output[0]] = source
+    else:
+        wanted = set(nodes)
+        for node in graph.node:
+            if node.name not in wanted:
+                continue
+            # Only this node's inputs: a DQ output is often shared (q, k and v read one tensor).
+            for k, name in enumerate(node.input):
+                source = _float_source(name, producers, fp32_weights)
+                if source is not None:
+                    _rewire(graph, node, k, source)
+            for out in node.output:
+                for q in consumers.get(out, []):
+                    if q.op_type != "QuantizeLinear":
+                        continue
+                    for dq in consumers.get(q.output[0], []):
+                        if dq.op_type == "DequantizeLinear":
+                            replace[dq.output[0]] = (out, None)
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name in replace:
+                _rewire(graph, node, k, replace[name])
+    return model
+
+
+def _rewire(graph: onnx.GraphProto, node: onnx.NodeProto, k: int, source: tuple[str, onnx.TensorProto | None]) -> None:
+    """Point ``node.input[k]`` at a float tensor, adding the fp32 weight initializer if needed."""
+    name, weight = source
+    node.input[k] = name
+    if weight is not None and all(i.name != name for i in graph.initializer):
+        graph.initializer.append(weight)
+
+
 def _node_sensitivity(
     fp32_path: Path,
-    work: Path,
-    calibration_feeds: Sequence[Feeds],
+    qdq_path: Path,
     eval_feeds: Sequence[Feeds],
     reference_outputs: Sequence[np.ndarray],
-    calibration: str,
-    cache: Path,
     threads: int,
 ) -> list[tuple[str, float]]:
-    """Fidelity loss of quantizing each weight ``MatMul`` alone, largest first (calibrated once)."""
-    losses: list[tuple[str, float]] = []
-    probe = work / "probe.onnx"
+    """Fidelity gained by keeping each quantized weight ``MatMul`` in float, largest first.
+
+    Measured on the fully quantized graph with one node at a time switched back to float
+    (its QDQ pairs bypassed in memory): one session per node, no re-calibration.
+    """
+    import onnxruntime as ort
+
+    qdq = onnx.load(str(qdq_path))
+    fp32 = onnx.load(str(fp32_path))
+    base = fidelity(ort_runner(qdq_path, threads), eval_feeds, reference_outputs)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    gains: list[tuple[str, float]] = []
     for name in weight_matmuls(fp32_path):
-        quantize_ort(fp32_path, probe, calibration_feeds, calibration=calibration, include=[name], cache=cache)
-        losses.append((name, 1.0 - fidelity(ort_runner(probe, threads), eval_feeds, reference_outputs)))
-    return sorted(losses, key=lambda kv: kv[1], reverse=True)
+        session = ort.InferenceSession(
+            _without_quantization(qdq, fp32, [name]).SerializeToString(), so, providers=["CPUExecutionProvider"]
+        )
+        inputs = [i.name for i in session.get_inputs()]
+        first = session.get_outputs()[0].name
+
+        def run(feeds: Feeds, session: Any = session, inputs: list[str] = inputs, first: str = first) -> np.ndarray:
+            return session.run([first], {k: feeds[k] for k in inputs})[0]
+
+        gains.append((name, fidelity(run, eval_feeds, reference_outputs) - base))
+    return sorted(gains, key=lambda kv: kv[1], reverse=True)
 
 
 def _exclusion_counts(limit: int) -> list[int]:
@@ -578,11 +672,15 @@ def quantize_static_int8(
             measured = [a for a in tried if a.method == "ort" and a.error is None and a.fidelity is not None]
             if not done and config.max_excluded > 0 and measured:
                 # Exclude nodes on top of the best calibration tried; its ranges are cached.
-                calibration = str(max(measured, key=lambda a: a.fidelity or 0.0).settings["calibration"])
+                best_ort = max(measured, key=lambda a: a.fidelity or 0.0)
+                calibration = str(best_ort.settings["calibration"])
                 cache = work / f"ranges-{calibration}.json"
                 ranked = _node_sensitivity(
-                    src, work, calibration_feeds, eval_feeds, reference_outputs, calibration, cache, config.threads
+                    src, work / f"candidate-{tried.index(best_ort)}.onnx",
+                    eval_feeds[: config.sensitivity_batches], reference_outputs[: config.sensitivity_batches],
+                    config.threads,
                 )
+                logger.info("static INT8: most sensitive nodes %s", ranked[: config.max_excluded])
                 for k in _exclusion_counts(min(config.max_excluded, len(ranked))):
                     exclude = [name for name, _ in ranked[:k]]
                     if attempt(

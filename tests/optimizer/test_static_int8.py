@@ -102,6 +102,31 @@ def test_histogram_calibration_on_texts_of_different_lengths(tiny: dict, calibra
     assert batch_invariance(run, tiny["evals"]) <= INVARIANT
 
 
+def test_bypassing_quantization_restores_the_fp32_graph(tiny: dict) -> None:
+    """The in-memory QDQ bypass used to rank nodes restores exactly the float computation."""
+    import onnxruntime as ort
+
+    from pruneserve.optimizer.static_int8 import _without_quantization, weight_matmuls
+
+    qdq_path = tiny["folder"] / "ort-bypass.onnx"
+    quantize_ort(tiny["fp32"], qdq_path, tiny["calibration"])
+    qdq, fp32 = onnx.load(str(qdq_path)), onnx.load(str(tiny["fp32"]))
+    restored = _without_quantization(qdq, fp32, None)
+    session = ort.InferenceSession(restored.SerializeToString(), providers=["CPUExecutionProvider"])
+    batch = tiny["evals"][0]
+    got = session.run(None, {i.name: batch[i.name] for i in session.get_inputs()})[0]
+    np.testing.assert_allclose(got, ort_runner(tiny["fp32"])(batch), atol=1e-5)
+    assert np.abs(ort_runner(qdq_path)(batch) - got).max() > 1e-4  # the quantized graph itself differs
+    # One node back to float: its inputs read float tensors, every other node is unchanged.
+    first = weight_matmuls(tiny["fp32"])[0]
+    one = _without_quantization(qdq, fp32, [first])
+    producers = {o: n.op_type for n in one.graph.node for o in n.output}
+    by_name = {n.name: n for n in one.graph.node}
+    assert all(producers.get(i) != "DequantizeLinear" for i in by_name[first].input)
+    changed = [n.name for n, m in zip(one.graph.node, qdq.graph.node) if list(n.input) != list(m.input)]
+    assert first in changed and len(changed) <= 4
+
+
 def test_fp32_is_batch_invariant_and_dynamic_int8_is_not(tiny: dict) -> None:
     """The probe can fail: dynamic INT8's per-batch activation scales move a text's answer."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
