@@ -182,12 +182,21 @@ def join_host_port(host: str, port: int) -> str:
 
 
 def _grpc_options(config: ServeConfig) -> list[tuple[str, Any]]:
-    return [
+    options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
         # Without this Linux lets a second server bind the same port and steal half the traffic.
         ("grpc.so_reuseport", 0),
     ]
+    if config.max_connection_age_s is not None:
+        # A long-lived HTTP/2 connection pins a client-side round-robin client to the pods it
+        # saw first; ageing connections out (GOAWAY, then the grace for calls in flight) makes
+        # it re-resolve and spread over pods added since.
+        options += [
+            ("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(config.grace_seconds * 1000)),
+        ]
+    return options
 
 
 def _enable_reflection(server: grpc.aio.Server) -> None:

@@ -89,6 +89,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     serve.add_argument("--truncate", action="store_true", help="truncate over-long texts instead of refusing them")
     serve.add_argument(
+        "--isolate-batch-variant", action="store_true",
+        help="run artifacts whose manifest says batch_invariant: false (dynamic INT8) one request per "
+             "execution, so an answer never depends on its batch-mates (default: batch them)",
+    )  # fmt: skip
+    serve.add_argument(
         "--length-buckets", type=_int_csv, metavar="LIST", help="sequence-length bucket bounds, e.g. 32,128,512"
     )
     serve.add_argument(
@@ -97,6 +102,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     serve.add_argument(
         "--grace-seconds", type=float, help=f"shutdown grace for accepted work (default {default('grace_seconds')})"
     )
+    serve.add_argument(
+        "--max-connection-age-s", type=float, metavar="SECONDS",
+        help="close client connections after about this long (calls in flight get --grace-seconds), so "
+             "client-side round-robin clients discover pods added by a scale-up (default: never)",
+    )  # fmt: skip
     serve.add_argument("--tls-cert", help="PEM server certificate (enables TLS; needs --tls-key)")
     serve.add_argument("--tls-key", help="PEM private key of --tls-cert")
     serve.add_argument("--tls-client-ca", help="PEM CA that client certificates must chain to (mutual TLS)")

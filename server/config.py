@@ -66,6 +66,10 @@ class ServeConfig:
             (dynamic INT8) one request per execution, so an answer never depends on others.
         max_message_bytes: largest gRPC message accepted or sent.
         grace_seconds: how long shutdown waits for accepted work.
+        max_connection_age_s: close each client connection after about this many seconds
+            (gRPC adds +/-10% jitter), letting its in-flight calls finish within
+            ``grace_seconds``; clients then reconnect, so clients using client-side round
+            robin discover pods added by a scale-up. None (default) = connections live on.
         tls_cert, tls_key, tls_client_ca: PEM paths; cert+key enable TLS, client CA enables mTLS.
         shadow_rate: fraction of successful requests also run on the artifact's unpruned
             reference model (``reference.onnx``) in the background, to measure live fidelity
@@ -103,6 +107,7 @@ class ServeConfig:
     isolate_batch_variant: bool = False
     max_message_bytes: int = 64 * 1024 * 1024
     grace_seconds: float = 10.0
+    max_connection_age_s: float | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
@@ -138,6 +143,9 @@ class ServeConfig:
         _check_int("max_message_bytes", self.max_message_bytes, 1024, 2**31 - 1, "e.g. 67108864")
         _check_float("max_queue_delay_ms", self.max_queue_delay_ms, 0.0, 10_000.0)
         _check_float("grace_seconds", self.grace_seconds, 0.0, 3600.0)
+        if self.max_connection_age_s is not None:
+            # Under a second, clients would spend their time reconnecting; past a week it is off in all but name.
+            _check_float("max_connection_age_s", self.max_connection_age_s, 1.0, 7 * 24 * 3600.0)
         _check_float("shadow_rate", self.shadow_rate, 0.0, 1.0)
         _check_int("shadow_queue_size", self.shadow_queue_size, 1, 100_000, "e.g. 64")
         _check_int("capture_backups", self.capture_backups, 0, 100, "rotated capture files kept, e.g. 2")
