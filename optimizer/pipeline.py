@@ -292,7 +292,7 @@ def run_optimize(config: OptimizeConfig, progress: bool = True) -> OptimizeResul
             quantized = quantize(
                 fused.path, exported.path, work / "model.onnx", config.quantize,
                 calibration=calibration,
-                evaluate=None if config.quantize.mode == "fp16" else evaluate,
+                evaluate=evaluate,
                 quality_floor=floor,
             )
 

@@ -268,12 +268,21 @@ def quantize_static_qdq(
 
 
 def convert_fp16(src: Path, dst: Path, *, keep_fp32_ops: Sequence[str] = FP16_KEEP_FP32_OPS) -> dict[str, Any]:
-    """Convert a graph to fp16, keeping ``keep_fp32_ops`` and the graph's I/O types in fp32."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    """Convert a graph to fp16, keeping ``keep_fp32_ops`` and the graph's I/O types in fp32.
 
-    model = onnx.load(str(src))
-    converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(keep_fp32_ops))
-    onnx.save(converted, str(dst))
+    Goes through ONNX Runtime's ``OnnxModel`` wrapper because it runs symbolic shape inference
+    first: without the types of the fused contrib ops' outputs, the converter cannot place the
+    Casts between kept-fp32 and fp16 nodes and the graph fails to load (``Attention`` bound to
+    both float and float16).
+    """
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = OnnxModel(onnx.load(str(src)))
+    with _quiet_root_logger():
+        model.convert_float_to_float16(
+            use_symbolic_shape_infer=True, keep_io_types=True, op_block_list=list(keep_fp32_ops)
+        )
+    model.save_model_to_file(str(dst))
     return {"weight_type": "float16", "kept_fp32_ops": list(keep_fp32_ops), "keep_io_types": True}
 
 
@@ -328,7 +337,7 @@ def quantize(
         calibration: input batches for static calibration (already capped at
             ``config.calibration_size`` texts by the caller).
         evaluate: scores a graph against the original model; ``None`` skips the floor check
-            (used for fp16 where this machine cannot run the result).
+            (fp16 graphs run on the CPU provider too, only slowly).
         quality_floor: the lowest acceptable score from ``evaluate``.
 
     Raises:

@@ -195,11 +195,15 @@ def test_fp16_keeps_normalisation_and_softmax_in_fp32(graphs: Graphs, tmp_path: 
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert [i.type.tensor_type.elem_type for i in model.graph.input] == [onnx.TensorProto.INT64] * 3
     assert set(settings["kept_fp32_ops"]) == set(FP16_KEEP_FP32_OPS)
+    # The mixed-precision graph is well-typed: ONNX Runtime loads it and it answers like fp32.
+    assert _mean_cosine(_outputs(out, graphs.feeds), graphs.reference) > 0.999
 
 
 def test_fp16_through_quantize_records_its_settings(graphs: Graphs, tmp_path: Path) -> None:
-    result = quantize(graphs.fused, graphs.unfused, tmp_path / "fp16.onnx", QuantizeConfig(mode="fp16"))
-    assert result.mode == "fp16" and result.batch_invariant and result.quality is None
+    result = quantize(graphs.fused, graphs.unfused, tmp_path / "fp16.onnx", QuantizeConfig(mode="fp16"),
+                      evaluate=_evaluator(graphs), quality_floor=0.99)
+    assert result.mode == "fp16" and result.batch_invariant and result.source_graph == "fused"
+    assert result.quality is not None and result.quality > 0.999
     assert result.settings["weight_type"] == "float16"
 
 
