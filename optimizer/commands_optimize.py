@@ -34,7 +34,7 @@ for the target, validate against the original model, and write model.onnx, token
 manifest.json (sha256 of every file), report.md with figures, optimize.yaml and pruning.json.
 
 Defaults: the bundled all-MiniLM-L6-v2, the bundled English corpus, the "default" preset
-(50%% of heads, refit + distillation), dynamic per-channel INT8 for --target cpu, and a
+(50% of heads, refit + distillation), dynamic per-channel INT8 for --target cpu, and a
 quality floor of 0.95 mean cosine to the original model.
 
 Quantization per target (--quantize auto): cpu -> dynamic INT8 (fused graph; not
