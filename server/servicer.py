@@ -102,9 +102,9 @@ def deserialize_bytes_tensor(buffer: bytes, count: int, name: str) -> np.ndarray
     # allocated, so a 4-byte message declaring 2**25 texts costs nothing.
     if count > len(buffer) // _LENGTH_PREFIX.size:
         raise InvalidArgumentError(
-            f"input {quote(name)}: the shape declares {count} BYTES elements but the raw contents are "
-            f"{len(buffer)} bytes, room for at most {len(buffer) // _LENGTH_PREFIX.size} (each element is a "
-            "4-byte little-endian length followed by its bytes); make the shape match the contents"
+            f"input {quote(name)}: raw BYTES contents end after {len(buffer)} bytes, room for at most "
+            f"{len(buffer) // _LENGTH_PREFIX.size} of the {count} elements the shape declares (each element "
+            "needs a 4-byte little-endian length followed by its bytes); make the shape match the contents"
         )
     out = np.empty(count, dtype=object)
     view = memoryview(buffer)
