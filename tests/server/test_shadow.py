@@ -227,7 +227,14 @@ def test_shutdown_drops_queued_shadow_work_without_waiting(shadowed) -> None:
         assert await asyncio.to_thread(gated.entered.wait, 30)
         assert dp.shadow is not None and dp.shadow.pending == 2
         stopping = asyncio.ensure_future(dp.stop(5.0))
-        await asyncio.sleep(0)
+        # Release the running comparison only after stop() dropped the waiting samples; releasing
+        # it earlier lets the worker take the next sample first (a race seen on a loaded machine).
+        for _ in range(3000):
+            if metrics.registry.get_sample_value(
+                "pruneserve_shadow_comparisons_total", {**MV, "outcome": "dropped"}
+            ) == 2:
+                break
+            await asyncio.sleep(0.01)
         gated.gate.set()  # let the running comparison end so the worker thread exits
         await stopping
 
