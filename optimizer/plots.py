@@ -32,22 +32,25 @@ def importance_heatmap(
     """Write a PNG: head scores per (layer, head), removed heads crossed out; FFN scores sorted per layer."""
     plt = _pyplot()
     heads = importance.heads.numpy()
-    ffn = importance.ffn.sort(dim=1, descending=True).values.numpy()
+    # A few neurons dominate; a log colour scale keeps the rest visible.
+    ffn = importance.ffn.sort(dim=1, descending=True).values.clamp_min(1e-12).numpy()
     fig, (ax_h, ax_f) = plt.subplots(1, 2, figsize=(12, 0.6 * heads.shape[0] + 2.5), width_ratios=(1, 1.3))
     image = ax_h.imshow(heads, cmap="viridis", aspect="auto")
     ax_h.set_xlabel("head")
     ax_h.set_ylabel("layer")
     ax_h.set_xticks(range(heads.shape[1]))
     ax_h.set_yticks(range(heads.shape[0]))
-    ax_h.set_title(f"head importance ({importance.method}, {importance.loss})")
+    ax_h.set_title(f"head importance before pruning ({importance.method}, {importance.loss})")
     fig.colorbar(image, ax=ax_h, fraction=0.046)
     if head_mask is not None:
         for layer, head in (head_mask == 0).nonzero().tolist():
             ax_h.text(head, layer, "x", ha="center", va="center", color="red", fontsize=12, fontweight="bold")
-    image = ax_f.imshow(ffn, cmap="magma", aspect="auto", interpolation="nearest")
+    from matplotlib.colors import LogNorm
+
+    image = ax_f.imshow(ffn, cmap="magma", aspect="auto", interpolation="nearest", norm=LogNorm())
     ax_f.set_xlabel("FFN neurons, sorted by importance")
     ax_f.set_yticks(range(ffn.shape[0]))
-    ax_f.set_title("FFN neuron importance")
+    ax_f.set_title("FFN neuron importance (log scale)")
     fig.colorbar(image, ax=ax_f, fraction=0.046)
     if title:
         fig.suptitle(title)
