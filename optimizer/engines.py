@@ -1,9 +1,11 @@
 """Measure every inference engine available on the build machine and pick the one to serve with.
 
 The same ``model.onnx`` runs on ONNX Runtime's CPU provider and on OpenVINO (f32, and bf16 on
-CPUs with bf16 units). Which is fastest depends on the graph form and the CPU: on MiniLM with
-static INT8, OpenVINO was ~1.5x faster than ONNX Runtime; fp32 graphs fused for ONNX Runtime
-(contrib ``Attention`` ops) do not load in OpenVINO at all. So the choice is measured, not
+CPUs with bf16 units). Which is fastest depends on the graph and the CPU: with NNCF static INT8
+on MiniLM, OpenVINO was fastest on a CPU with AMX/bf16 (b1x32 2.0 ms vs 3.1 ms for ONNX
+Runtime's dynamic INT8), while on an AVX2-only CPU ONNX Runtime ran the same graph faster (b32x128
+2447 vs 3139 ms, ``benchmarks/results/int8_modes.md``); ONNX Runtime's quantized contrib ops
+(dynamic INT8's ``QAttention``) do not load in OpenVINO at all. So the choice is measured, not
 assumed: :func:`measure_engines` records latency, fidelity and batch invariance per engine
 (``manifest.engines``), :func:`best_engine` picks the fastest one that keeps the artifact's
 promises, and :func:`runtime_recommendation` is what goes into ``manifest.runtime`` for
@@ -157,7 +159,7 @@ def measure_engines(
         ``{key: {"engine", "precision", "fidelity", "batch_invariance", "threads",
         "latency_b1x32_ms", "latency_b32x128_ms"}}`` (latency keys are named after the shapes
         actually given), or ``{"engine", "precision", "error"}`` for an engine that cannot run
-        the graph (e.g. OpenVINO on a graph fused into ONNX Runtime contrib ops).
+        the graph (e.g. OpenVINO on dynamic INT8's ``QAttention``).
     """
     path = Path(onnx_path)
     known = available_engines()

@@ -2,9 +2,12 @@
 
 Why a second engine: on x86 CPUs OpenVINO runs the same ``model.onnx`` as ONNX Runtime
 with its own kernels, reads ONNX QDQ (static INT8) natively, and can run the float parts in
-bf16 on CPUs that have bf16 units (AVX512-BF16 / AMX). Measured on MiniLM (2-core CPU):
-OpenVINO + static INT8 ran b1x32 in 2.0 ms vs 3.1 ms for ONNX Runtime's dynamic INT8, and
-stayed batch-invariant (see ``benchmarks/results/int8_modes.md``).
+bf16 on CPUs that have bf16 units (AVX512-BF16 / AMX). On such a CPU, OpenVINO + NNCF static
+INT8 ran MiniLM b1x32 in 2.0 ms vs 3.1 ms for ONNX Runtime's dynamic INT8 and stayed
+batch-invariant; on an AVX2-only CPU it was slower than ONNX Runtime
+(``benchmarks/results/int8_modes.md``), which is why the optimizer measures both and records
+its choice in ``manifest.runtime``. It cannot read ONNX Runtime's quantized contrib ops
+(``QAttention`` of dynamic INT8 artifacts): those are ONNX Runtime only.
 
 Design points:
 
