@@ -203,18 +203,18 @@ def test_module_import_does_not_import_openvino_or_torch() -> None:
     assert out == ["0", "0"]
 
 
-def test_model_runtime_serves_through_openvino(monkeypatch: pytest.MonkeyPatch, embedding_artifact: Path) -> None:
-    """Registered in ENGINES, the engine serves a whole ModelRuntime batch like ONNX Runtime does."""
+def test_model_runtime_serves_through_openvino(embedding_artifact: Path) -> None:
+    """Through the runtime's ENGINES registry, the engine serves a whole ModelRuntime batch like ONNX Runtime."""
     from pruneserve.server import runtime
     from pruneserve.server.config import ServeConfig
 
-    monkeypatch.setitem(runtime.ENGINES, "openvino", create_openvino_engine)
     art = load_artifact(embedding_artifact)
     served = {}
     for engine in ("openvino", "onnxruntime"):
         config = ServeConfig(artifacts=[str(embedding_artifact)], engine=engine, threads=1, grpc_port=0, metrics_port=0)
         rt = runtime.ModelRuntime.load(art, config)
         assert rt.info["engine"] == engine
+        assert isinstance(rt.engine, OpenVinoEngine) == (engine == "openvino")
         prepared = [rt.processor.encode_texts([t.encode()]) for t in TEXTS]
         batch = [runtime.Prepared(e, ["embedding"]) for e in prepared]
         results, _ = rt.execute(batch)
