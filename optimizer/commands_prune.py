@@ -236,11 +236,14 @@ def run_prune(args: argparse.Namespace) -> int:
 
     record = {"source_model": loaded.name, "source_sha256": loaded.source_sha256, **result.record()}
     record["timings_s"]["total"] = round(time.perf_counter() - started, 2)
-    save_pruned(result.encoder, args.out, plan=result.plan, record=record, tokenizer=loaded.tokenizer)
+    try:
+        save_pruned(result.encoder, args.out, plan=result.plan, record=record, tokenizer=loaded.tokenizer)
+    except OptimizerError as exc:
+        return _fail(exc)
     head_mask, _ = result.plan.to_masks(loaded.encoder.spec)
     plots.importance_heatmap(result.importance, args.out / "importance.png", head_mask=head_mask, title=loaded.name)
     plots.tradeoff_curve(result.trace, args.out / "tradeoff.png", floor=config.budget.quality_floor)
-    print(f"kept heads per layer {record['heads_per_layer']}, FFN per layer {record['kept_ffn_per_layer']}")
+    print(f"kept heads per layer {record['heads_per_layer']}, FFN per layer {record['ffn_per_layer']}")
     for stage in result.recovery:
         print(f"  {stage.method:<16} {stage.quality.describe()}  ({stage.seconds:.0f} s)")
     print(f"params {result.params_before:,} -> {result.params_after:,}; FLOPs at {result.flops_seq_len} tokens "

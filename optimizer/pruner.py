@@ -76,7 +76,7 @@ class PruneResult:
         """The JSON record written into ``pruning.json`` (and the artifact report)."""
         return {
             "kept_heads": self.plan.heads,
-            "kept_ffn_per_layer": [len(k) for k in self.plan.ffn],
+            "ffn_per_layer": [len(k) for k in self.plan.ffn],
             "heads_per_layer": [len(k) for k in self.plan.heads],
             "params": {"before": self.params_before, "after": self.params_after},
             "flops": {"seq_len": self.flops_seq_len, "before": self.flops_before, "after": self.flops_after},
