@@ -266,9 +266,13 @@ def targets_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def optimizer_section(rows: Sequence[Mapping[str, Any]], notes: Sequence[str]) -> str:
     body = [[r["stage"], _f(r["seconds"], 1), _f(r.get("peak_rss_mb") or None, 0)] for r in rows]
-    parts = [table(["stage", "seconds", "peak RSS MiB (process tree)"], body)]
+    parts = [table(["stage", "seconds", "peak RSS MiB"], body)]
     if rows:
-        parts.append(f"\nCommand: `{rows[0].get('command')}` on the default model (all-MiniLM-L6-v2).")
+        parts.append(
+            f"\nCommand: `{rows[0].get('command')}` on the default model (all-MiniLM-L6-v2). Total: wall time "
+            "and peak RSS of the whole process tree, sampled every 100 ms by the harness; stages: the "
+            "pipeline's own records in the manifest (`pruning.stages`; the final write is not among them)."
+        )
     if notes:
         parts.append("\nNotes:\n" + "\n".join(f"- {n}" for n in notes))
     return "\n".join(parts)
