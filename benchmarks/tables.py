@@ -284,7 +284,7 @@ def scaling_section(rows: Sequence[Mapping[str, Any]], png: str, notes: Sequence
     by = {(r["runtime"], r["sweep"], r["batch"], r["seq"]): r for r in rows}
     body = []
     for sweep, b, s in points:
-        cells = [f"b{b}x{s}"]
+        cells = [f"{'length' if sweep == 'seq' else 'batch'} sweep: b{b}x{s}"]
         for n in names:
             r = by.get((n, sweep, b, s))
             cells.append("–" if r is None else f"{r['median_ms']:.1f} ({_x(r['speedup_vs_pytorch'])})")
