@@ -190,3 +190,19 @@ def test_defaults_are_what_a_user_wants_on_the_default_model() -> None:
 def test_budget_floor_is_the_artifact_floor() -> None:
     config = OptimizeConfig.from_dict({"out": "x", "prune": {"budget": {"quality_floor": 0.97}}})
     assert config.effective_floor == 0.97
+
+
+def test_tensorrt_target_gives_a_calibrated_batch_invariant_artifact(tiny_model_dir: TinyModelFactory,
+                                                                     tmp_path: Path) -> None:
+    config = tiny_config(tiny_model_dir("bert", "embedding"), tmp_path / "trt", target="tensorrt",
+                         validate={"baselines": False, "latency_shapes": [[1, 8]], "warmup": 0, "repeats": 1})
+    m = run_optimize(config, progress=False).artifact.manifest
+    assert m.quantization["mode"] == "static" and m.quantization["source_graph"] == "unfused"
+    assert m.quantization["calibration_size"] == 36  # one text per feed, from the 36 scoring texts
+    assert m.batch_invariant is True
+    assert m.runtime["providers"][0] == "TensorrtExecutionProvider"
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        # Measured on the CPU provider instead, and the artifact says so.
+        assert m.runtime["providers_used_at_build"] == ["CPUExecutionProvider"]
+        assert "CPUExecutionProvider" in (tmp_path / "trt" / "report.md").read_text().split("## Warnings")[1]
+    assert m.quality["stages"]["quantized"]["score"] > 0.9
