@@ -433,19 +433,20 @@ def _validate(
     validate.require_floor(list(quality.values())[-1], config.effective_floor, "final", data_source)
 
     vocab = loaded.encoder.spec.vocab_size
+    max_len = loaded.max_sequence_length
     latency: dict[str, validate.Latency] = {}
     if config.validate.baselines:
-        latency["original (PyTorch fp32)"] = validate.torch_latency(loaded.encoder, config.validate)
-        latency["pruned (PyTorch fp32)"] = validate.torch_latency(pruned.encoder, config.validate)
+        latency["original (PyTorch fp32)"] = validate.torch_latency(loaded.encoder, config.validate, max_sequence_length=max_len)
+        latency["pruned (PyTorch fp32)"] = validate.torch_latency(pruned.encoder, config.validate, max_sequence_length=max_len)
         if reference is not None and quantized.mode in ("dynamic", "none"):
             ref_fused = fuse(reference, work / "reference-fused.onnx", loaded.encoder.spec, config.fusion).path
-            latency["original fused fp32"] = validate.onnx_latency(ref_fused, config.validate, vocab)
+            latency["original fused fp32"] = validate.onnx_latency(ref_fused, config.validate, vocab, max_sequence_length=max_len)
             if quantized.mode == "dynamic":
                 ref_q = quantize(ref_fused, reference, work / "reference-int8.onnx",
                                  dataclasses.replace(config.quantize, sensitivity_fallback=False))
-                latency["original fused INT8"] = validate.onnx_latency(ref_q.path, config.validate, vocab)
-        latency["pruned fused fp32"] = validate.onnx_latency(fused, config.validate, vocab)
-    latency["artifact"] = validate.onnx_latency(final, config.validate, vocab, providers=requested)
+                latency["original fused INT8"] = validate.onnx_latency(ref_q.path, config.validate, vocab, max_sequence_length=max_len)
+        latency["pruned fused fp32"] = validate.onnx_latency(fused, config.validate, vocab, max_sequence_length=max_len)
+    latency["artifact"] = validate.onnx_latency(final, config.validate, vocab, providers=requested, max_sequence_length=max_len)
     return validate.ValidationReport(
         parity_max_abs_diff=parity,
         quality=quality,

@@ -250,29 +250,45 @@ def _median_ms(run: Callable[[], object], warmup: int, repeats: int) -> float:
     return round(statistics.median(times), 3)
 
 
+def latency_shapes(config: ValidateConfig, max_sequence_length: int | None) -> list[tuple[int, int]]:
+    """``config.latency_shapes`` with each sequence length clamped to what the model accepts.
+
+    A model with fewer positions than a configured shape (say 64 < 128) is timed at its own
+    limit rather than fed positions it has no embedding for.
+    """
+    shapes: list[tuple[int, int]] = []
+    for batch, seq in config.latency_shapes:
+        shape = (batch, min(seq, max_sequence_length) if max_sequence_length else seq)
+        if shape not in shapes:
+            shapes.append(shape)
+    return shapes
+
+
 def onnx_latency(
     path: str | Path, config: ValidateConfig, vocab_size: int, providers: Sequence[str] = ("CPUExecutionProvider",),
-    runtime: str = "onnxruntime",
+    runtime: str = "onnxruntime", max_sequence_length: int | None = None,
 ) -> Latency:
-    """Median latency of the graph at each of ``config.latency_shapes``."""
+    """Median latency of the graph at each of ``config.latency_shapes`` (clamped to the model's length)."""
     session = make_session(path, providers, config.threads)
     names = [i.name for i in session.get_inputs()]
     medians = {}
-    for batch, seq in config.latency_shapes:
+    for batch, seq in latency_shapes(config, max_sequence_length):
         feeds = _synthetic_inputs(names, batch, seq, vocab_size)
         medians[shape_key(batch, seq)] = _median_ms(lambda: session.run(None, feeds), config.warmup, config.repeats)
     return Latency(runtime, session.get_providers()[0], medians, config.repeats)
 
 
-def torch_latency(encoder: Encoder, config: ValidateConfig, runtime: str = "pytorch fp32") -> Latency:
-    """Median latency of a PyTorch encoder (eval, no grad) at each of ``config.latency_shapes``."""
+def torch_latency(
+    encoder: Encoder, config: ValidateConfig, runtime: str = "pytorch fp32", max_sequence_length: int | None = None
+) -> Latency:
+    """Median latency of a PyTorch encoder (eval, no grad) at each of ``config.latency_shapes`` (clamped)."""
     import torch
 
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if encoder.uses_token_type_ids else [])
     medians = {}
     encoder.eval()
     with torch.inference_mode():
-        for batch, seq in config.latency_shapes:
+        for batch, seq in latency_shapes(config, max_sequence_length):
             feeds = {k: torch.from_numpy(v) for k, v in
                      _synthetic_inputs(names, batch, seq, encoder.spec.vocab_size).items()}
             medians[shape_key(batch, seq)] = _median_ms(lambda: encoder(**feeds), config.warmup, config.repeats)

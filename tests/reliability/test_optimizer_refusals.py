@@ -281,12 +281,6 @@ def test_optimize_interrupted_while_writing_leaves_nothing(
     assert list(scratch.iterdir()) == [], "the optimizer's scratch folder was left behind"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="optimizer/validate.py times the artifact at ValidateConfig.latency_shapes (default [32, 128]) "
-    "whatever the model's position limit, so a 64-position model crashes in ONNX Runtime with a traceback "
-    "after every stage ran (reported to the lead: clamp or skip shapes longer than max_sequence_length)",
-)
 def test_optimize_a_model_with_few_positions_finishes_or_refuses_cleanly(
     bert_dirs: dict[str, Path], good_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
