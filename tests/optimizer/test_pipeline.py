@@ -199,6 +199,9 @@ def test_tensorrt_target_gives_a_calibrated_batch_invariant_artifact(tiny_model_
     m = run_optimize(config, progress=False).artifact.manifest
     assert m.quantization["mode"] == "static" and m.quantization["source_graph"] == "unfused"
     assert m.quantization["calibration_size"] == 36  # one text per feed, from the 36 scoring texts
+    # Embedding models go through static_int8.py (NNCF, then ORT with measured exclusions).
+    assert m.quantization["settings"]["method"] in ("nncf", "ort")
+    assert m.quantization["settings"]["batch_invariance"] <= 1e-5
     assert m.batch_invariant is True
     assert m.runtime["providers"][0] == "TensorrtExecutionProvider"
     if "TensorrtExecutionProvider" not in ort.get_available_providers():
