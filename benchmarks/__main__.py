@@ -1,6 +1,6 @@
-"""``python -m benchmarks --quick|--full [--only model,server,optimizer,scaling] [--out DIR]``.
+"""``python -m benchmarks --quick|--full [--only model,server,shadow,optimizer,scaling] [--out DIR]``.
 
-Runs the selected benchmarks in order (model, server, optimizer, scaling), writes CSV/JSON/PNG
+Runs the selected benchmarks in order (model, server, shadow, optimizer, scaling), writes CSV/JSON/PNG
 under ``--out`` and refreshes the matching sections of BENCHMARKS.md. One benchmark failing
 (a peer that cannot be installed, a server that does not start) is reported in its section's
 notes and does not stop the others; the exit code is 1 if any failed.
@@ -27,7 +27,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--quick", action="store_const", const="quick", dest="mode", help="few repetitions (minutes)")
     mode.add_argument("--full", action="store_const", const="full", dest="mode", help="stable medians (~30 min)")
-    p.add_argument("--only", default="model,server,optimizer,scaling", help="comma-separated benchmarks to run")
+    p.add_argument("--only", default="model,server,shadow,optimizer,scaling", help="comma-separated benchmarks to run")
     p.add_argument("--out", type=Path, default=DEFAULT_RESULTS, help="results folder (default benchmarks/results)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="ONNX Runtime / torch threads")
     p.add_argument("--model-dir", type=Path, default=None, help="original model folder (default: the default model)")
@@ -102,6 +102,8 @@ def run(cfg: BenchConfig, markdown: Path | None) -> int:
         sections["model"] = _guard("model", failed, lambda: _model(cfg, get_artifacts(), artifact_notes))
     if "server" in cfg.only:
         sections["server"] = _guard("server", failed, lambda: _server(cfg, get_artifacts()))
+    if "shadow" in cfg.only:
+        sections["shadow"] = _guard("shadow", failed, lambda: _shadow(cfg, get_artifacts()))
     if "optimizer" in cfg.only:
         sections["optimizer"] = _guard("optimizer", failed, lambda: _optimizer(cfg))
     if "scaling" in cfg.only:
@@ -140,6 +142,13 @@ def _server(cfg: BenchConfig, artifacts: dict[str, Path]) -> str:
 
     rows, notes = run_server_bench(cfg, artifacts)
     return tables.server_section(rows, notes)
+
+
+def _shadow(cfg: BenchConfig, artifacts: dict[str, Path]) -> str:
+    from benchmarks.shadow import run_shadow_bench, shadow_section
+
+    rows, notes = run_shadow_bench(cfg, artifacts)
+    return shadow_section(rows, notes)
 
 
 def _optimizer(cfg: BenchConfig) -> str:

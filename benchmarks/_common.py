@@ -79,7 +79,7 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("quick", "full"):
             raise BenchmarkError(f"mode {self.mode!r} must be 'quick' or 'full'")
-        known = {"model", "server", "optimizer", "scaling"}
+        known = {"model", "server", "shadow", "optimizer", "scaling"}
         unknown = sorted(set(self.only) - known)
         if unknown:
             raise BenchmarkError(f"--only {','.join(unknown)} is not a benchmark; choose from {sorted(known)}")

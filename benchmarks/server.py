@@ -197,11 +197,16 @@ def stop_server(server: ServerProcess, grace: float = 20.0) -> None:
 
 
 @contextmanager
-def serving(kind: str, artifact: Path, model: str, threads: int, log_dir: Path) -> Iterator[ServerProcess]:
-    """Start ``kind`` ('pruneserve' or 'triton') on free 127.0.0.1 ports; always stop it afterwards."""
+def serving(
+    kind: str, artifact: Path, model: str, threads: int, log_dir: Path, extra_args: Sequence[str] = ()
+) -> Iterator[ServerProcess]:
+    """Start ``kind`` ('pruneserve' or 'triton') on free 127.0.0.1 ports; always stop it afterwards.
+
+    ``extra_args`` are appended to ``pruneserve serve`` (e.g. ``--shadow-rate 0.01``).
+    """
     grpc_port, metrics_port = free_port(), free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
-    log = log_dir / f"{kind}.log"
+    log = log_dir / (f"{kind}.log" if not extra_args else f"{kind}-{'_'.join(extra_args).strip('-')}.log")
     common = [
         "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
         "--max-batch-size", str(MAX_BATCH_SIZE), "--max-queue-delay-ms", str(MAX_QUEUE_DELAY_MS),
@@ -210,7 +215,7 @@ def serving(kind: str, artifact: Path, model: str, threads: int, log_dir: Path) 
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     if kind == "pruneserve":
         cmd = [python_exe(), "-m", "pruneserve.cli", "serve", str(artifact), "--host", "127.0.0.1",
-               "--metrics-host", "127.0.0.1", *common]  # fmt: skip
+               "--metrics-host", "127.0.0.1", *common, *extra_args]  # fmt: skip
     elif kind == "triton":
         py = str(ensure_triton_venv())
         cmd = [py, str(BENCH_DIR / "triton_peer.py"), str(artifact), "--http-port", str(free_port()),

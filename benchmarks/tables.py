@@ -16,7 +16,7 @@ from typing import Any
 
 from benchmarks.server import CONCURRENCIES, TARGETS
 
-SECTIONS: tuple[str, ...] = ("machine", "model", "server", "optimizer", "scaling")
+SECTIONS: tuple[str, ...] = ("machine", "model", "server", "shadow", "optimizer", "scaling")
 
 
 def _start(name: str) -> str:
