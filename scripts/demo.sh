@@ -30,10 +30,22 @@ for _ in $(seq 1 120); do
   sleep 0.5
 done
 
-echo "== querying $MODEL over gRPC"
+echo "== querying $MODEL over gRPC (pruneserve infer prints JSON; summarised here)"
 "$BIN/pruneserve" infer --url "127.0.0.1:$GRPC_PORT" --model "$MODEL" \
   --text "A cheap encoder still understands sentences." \
-  --text "Pruned transformers serve faster."
+  --text "A small encoder still understands text." \
+  --text "The weather is cold in November." > "$ART.demo-answer.json"
+"$BIN/python" - "$ART.demo-answer.json" <<'PY'
+import json, sys
+import numpy as np
+answer = json.load(open(sys.argv[1]))
+for name, value in answer["outputs"].items():
+    arr = np.asarray(value)
+    print(f"{name}: shape {list(arr.shape)}, first values {np.round(arr[0, :4], 4).tolist()}")
+    if name == "embedding":
+        unit = arr / np.linalg.norm(arr, axis=1, keepdims=True)
+        print(f"cosine(text 1, text 2) = {unit[0] @ unit[1]:.3f} (similar); cosine(text 1, text 3) = {unit[0] @ unit[2]:.3f} (unrelated)")
+PY
 echo "== metrics (excerpt)"
 "$BIN/python" - "$METRICS_PORT" <<'PY'
 import sys, urllib.request

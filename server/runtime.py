@@ -600,11 +600,7 @@ class ModelRuntime:
             max_sequence_length=str(self.max_sequence_length),
             target=m.target,
         )
-        plan = m.pruning.get("plan") if isinstance(m.pruning.get("plan"), Mapping) else {}
-        for key, plan_key in (("kept_heads", "heads"), ("total_heads", None), ("kept_ffn", "ffn"), ("total_ffn", None)):
-            count = _count(m.pruning.get(key, plan.get(plan_key) if plan_key else None))
-            if count is not None:
-                info[key] = str(count)
+        info.update(_pruning_labels(m.pruning))
         info.setdefault("kept_heads", "")
         return info
 
@@ -803,6 +799,34 @@ class ModelRuntime:
         self.engine.close()
         if self.reference is not None:
             self.reference.close()
+
+
+def _pruning_labels(pruning: Mapping[str, Any]) -> dict[str, str]:
+    """``pruneserve_model_info`` labels from the manifest's pruning block.
+
+    Reads the optimizer's record (``kept_heads_per_layer``, ``heads_original_per_layer``,
+    ``ffn_sizes_per_layer``, ``ffn_size_original``), falling back to plain totals
+    (``kept_heads``/``total_heads``/...) for artifacts written by other tools.
+    """
+    labels: dict[str, str] = {}
+    heads = pruning.get("kept_heads_per_layer")
+    ffn = pruning.get("ffn_sizes_per_layer")
+    layers = len(heads) if isinstance(heads, list) else len(ffn) if isinstance(ffn, list) else 0
+    per_layer_heads, per_layer_ffn = pruning.get("heads_original_per_layer"), pruning.get("ffn_size_original")
+    candidates = {
+        "kept_heads": heads if heads is not None else pruning.get("kept_heads"),
+        "total_heads": per_layer_heads * layers if isinstance(per_layer_heads, int) and layers
+        else pruning.get("total_heads"),
+        "kept_ffn": ffn if ffn is not None else pruning.get("kept_ffn"),
+        "total_ffn": per_layer_ffn * layers if isinstance(per_layer_ffn, int) and layers else pruning.get("total_ffn"),
+    }
+    for key, value in candidates.items():
+        count = _count(value)
+        if count is not None:
+            labels[key] = str(count)
+    if isinstance(heads, list) and all(isinstance(h, int) for h in heads):
+        labels["kept_heads_per_layer"] = ",".join(str(h) for h in heads)
+    return labels
 
 
 def _count(value: Any) -> int | None:

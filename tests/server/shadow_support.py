@@ -62,7 +62,7 @@ def make_shadowed_artifact(
         quality_floor=quality_floor,
         runtime={"engine": "onnxruntime", "providers": ["CPUExecutionProvider"]},
         quantization={"mode": "none"},
-        pruning={"kept_heads": 6, "total_heads": 12},
+        pruning={"kept_heads_per_layer": [4, 2], "heads_original_per_layer": 6},
     )
     write_artifact(out, manifest, {"model.onnx": model, "tokenizer.json": tok, "reference.onnx": reference})
     return out

@@ -220,7 +220,7 @@ def test_missing_gpu_provider_is_logged_and_counted(embedding_artifact: Path, ca
         {"model": "tiny-embed", "version": "1", "engine": "onnxruntime", "provider": "CPUExecutionProvider",
          "providers": "CPUExecutionProvider", "engine_version": ort.__version__, "threads": "1", "precision": "f32",
          "task": "embedding", "quantization": "none", "batch_invariant": "true",
-         "max_sequence_length": str(MAX_LEN), "target": "cpu", "kept_heads": "6", "total_heads": "12"},
+         "max_sequence_length": str(MAX_LEN), "target": "cpu", "kept_heads": "6", "total_heads": "12", "kept_heads_per_layer": "4,2"},
     )  # fmt: skip
     assert info == 1
     repo.close()

@@ -235,7 +235,7 @@ def make_artifact(out: Path, spec: ArtifactSpec | None = None, **overrides: Any)
         reference_file="reference.onnx" if spec.with_reference else None,
         runtime={"engine": "onnxruntime", "providers": ["CPUExecutionProvider"]},
         quantization={"mode": "none"},
-        pruning={"kept_heads": 6, "total_heads": 12},
+        pruning={"kept_heads_per_layer": [4, 2], "heads_original_per_layer": 6},
     )
     write_artifact(out, manifest, sources)
     return out
