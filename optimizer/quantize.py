@@ -216,11 +216,14 @@ def quantize_static_qdq(
     exclude: Sequence[str] = (),
     include: Sequence[str] | None = None,
     cache: Path | None = None,
+    percentile: float = 99.999,
 ) -> dict[str, Any]:
     """Static symmetric S8S8 QDQ of an unfused graph, calibrated on ``calibration``.
 
-    ``cache`` is a JSON file of calibrated tensor ranges: written by the first call and
+    The one ONNX Runtime static-quantization call of the optimizer (static_int8.py uses it
+    too). ``cache`` is a JSON file of calibrated tensor ranges: written by the first call and
     read by later ones, so the sensitivity search calibrates once instead of per node.
+    ``percentile`` applies to ``method="percentile"`` only.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -253,6 +256,7 @@ def quantize_static_qdq(
                 # (activation x activation) costs quality for little speed.
                 "MatMulConstBOnly": True,
                 "CalibTensorRangeSymmetric": True,
+                "CalibPercentile": percentile,
             },
             calibration_cache_path=cache,
         )

@@ -300,20 +300,6 @@ def quantize_nncf(
     }
 
 
-class _FeedsReader:
-    """ONNX Runtime's ``CalibrationDataReader`` protocol over prepared feeds."""
-
-    def __init__(self, feeds: Sequence[Feeds], input_names: Sequence[str]) -> None:
-        self._feeds = [{k: np.asarray(f[k]) for k in input_names} for f in feeds]
-        self._it: Iterator[dict[str, np.ndarray]] = iter(self._feeds)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._it, None)
-
-    def rewind(self) -> None:
-        self._it = iter(self._feeds)
-
-
 def weight_matmuls(path: Path) -> list[str]:
     """Names of the ``MatMul`` nodes with a constant (initializer) operand: the ones ORT static quantizes."""
     model = onnx.load(str(path), load_external_data=False)
@@ -338,45 +324,18 @@ def quantize_ort(
     ``cache`` is a calibration-range file: the first call writes it, later calls (other
     exclusion sets) reuse it instead of calibrating again.
     """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from pruneserve.optimizer.quantize import quantize_static_qdq
 
-    methods = {
-        "minmax": CalibrationMethod.MinMax,
-        "percentile": CalibrationMethod.Percentile,
-        "entropy": CalibrationMethod.Entropy,
-    }
-    inputs = [i.name for i in onnx.load(str(fp32_path), load_external_data=False).graph.input]
     samples = len(calibration_feeds)
     if calibration != "minmax":
         # The histogram collectors stack every batch's activations into one array, so all
         # batches need one shape: pad to the longest (masked positions add a little to the
         # histogram's tails; percentile/entropy cut tails anyway).
         calibration_feeds = [stack_items(split_items(calibration_feeds))]
-    with _quiet_root_logger():
-        quantize_static(
-            str(fp32_path),
-            str(out_path),
-            _FeedsReader(calibration_feeds, inputs),
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=["MatMul"],
-            per_channel=True,
-            activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-            nodes_to_quantize=list(include) if include is not None else None,
-            nodes_to_exclude=list(exclude),
-            calibrate_method=methods[calibration],
-            extra_options={
-                # TensorRT's explicit quantization reads signed, zero-point-0 INT8 only.
-                "ActivationSymmetric": True,
-                "WeightSymmetric": True,
-                # Weight x activation products only; the attention score products are
-                # activation x activation and lose more than they gain.
-                "MatMulConstBOnly": True,
-                "CalibTensorRangeSymmetric": True,
-                "CalibPercentile": 99.999,
-            },
-            calibration_cache_path=cache,
-        )
+    quantize_static_qdq(
+        Path(fp32_path), Path(out_path), calibration_feeds,
+        per_channel=True, method=calibration, exclude=exclude, include=include, cache=cache,
+    )
     import onnxruntime
 
     return {
