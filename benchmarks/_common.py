@@ -64,7 +64,7 @@ class BenchConfig:
 
     mode: str = "quick"
     out_dir: Path = DEFAULT_RESULTS
-    only: tuple[str, ...] = ("model", "server", "optimizer", "scaling")
+    only: tuple[str, ...] = ("model", "server", "shadow", "optimizer", "scaling")
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     #: Folder of the original Hugging Face / sentence-transformers model; None = the default model.
     model_dir: Path | None = None
