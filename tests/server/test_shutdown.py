@@ -7,10 +7,7 @@ arrives must be answered, and the process must exit 0 within the grace period.
 
 from __future__ import annotations
 
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +18,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
+
+from serve_process import ServeProcess  # tests/server/serve_process.py, shared with tests/reliability
 
 GRACE_S = 10.0
 CLIENTS = 4
@@ -34,47 +33,13 @@ class Outcome:
     message: str = ""
 
 
-class ServeProcess:
-    """``pruneserve serve`` on a free port, its stderr collected by a reader thread."""
-
-    def __init__(self, artifacts: list[Path]) -> None:
-        cmd = [
-            sys.executable, "-m", "pruneserve.cli", "serve", *map(str, artifacts),
-            "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", "--threads", "1",
-            "--max-queue-delay-ms", "50", "--grace-seconds", str(GRACE_S),
-        ]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-        self.lines: list[str] = []
-        self._port: int | None = None
-        self._ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            match = re.search(r"gRPC listening on 127\.0\.0\.1:(\d+)", line)
-            if match:
-                self._port = int(match.group(1))
-                self._ready.set()
-        self._ready.set()
-
-    def port(self) -> int:
-        if not self._ready.wait(120) or self._port is None:
-            raise AssertionError("server did not start:\n" + "".join(self.lines))
-        return self._port
-
-    def log(self) -> str:
-        return "".join(self.lines)
-
-
 @pytest.fixture
 def serve_process(embedding_artifact: Path, classifier_artifact: Path) -> Iterator[ServeProcess]:
-    proc = ServeProcess([embedding_artifact, classifier_artifact])
+    proc = ServeProcess(
+        [embedding_artifact, classifier_artifact], "--max-queue-delay-ms", "50", "--grace-seconds", str(GRACE_S)
+    )
     yield proc
-    if proc.proc.poll() is None:
-        proc.proc.kill()
-        proc.proc.wait(10)
+    proc.close()
 
 
 def client_loop(url: str, signalled: threading.Event, outcomes: list[Outcome]) -> None:
@@ -100,7 +65,7 @@ def client_loop(url: str, signalled: threading.Event, outcomes: list[Outcome]) -
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_under_load_answers_every_accepted_request(serve_process: ServeProcess, signum: int) -> None:
-    url = f"127.0.0.1:{serve_process.port()}"
+    url = serve_process.url
     signalled = threading.Event()
     per_client: list[list[Outcome]] = [[] for _ in range(CLIENTS)]
     threads = [threading.Thread(target=client_loop, args=(url, signalled, out), daemon=True) for out in per_client]
