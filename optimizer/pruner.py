@@ -23,6 +23,8 @@ from pruneserve.optimizer.recovery import RecoveryStage, recover
 from pruneserve.optimizer.search import TraceStep, search
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from pruneserve.optimizer.adapters import LoadedModel
     from pruneserve.optimizer.modeling import Encoder
     from pruneserve.optimizer.pruning import PruningPlan
@@ -95,6 +97,34 @@ class PruneResult:
         }
 
 
+@dataclass
+class PreparedData:
+    """The tokenized splits and the original model's outputs on them, computed once.
+
+    ``run_pruning(..., prepared=...)`` uses these instead of recomputing them, so a caller that
+    needs the same batches and teacher outputs afterwards (the optimize pipeline: calibration
+    and validation) pays for them only once. Build it with :func:`prepare`.
+    """
+
+    split: DataSplit
+    score_batches: list[Batch]
+    eval_batches: list[Batch]
+    teacher_score: list[Tensor]
+    teacher_eval: list[Tensor]
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: "data", "teacher_outputs"
+
+
+def prepare(loaded: LoadedModel, config: DataConfig) -> PreparedData:
+    """Read, split and tokenize the data and compute the teacher's outputs on both splits."""
+    timings = _Timings()
+    with timings("data"):  # data.py: read, dedupe, split, tokenize
+        split, score_batches, eval_batches = prepare_data(loaded, config)
+    with timings("teacher_outputs"):  # quality.py: the reference every figure is measured against
+        teacher_score = teacher_outputs(loaded.encoder, score_batches)
+        teacher_eval = teacher_outputs(loaded.encoder, eval_batches)
+    return PreparedData(split, score_batches, eval_batches, teacher_score, teacher_eval, dict(timings))
+
+
 def prepare_data(loaded: LoadedModel, config: DataConfig) -> tuple[DataSplit, list[Batch], list[Batch]]:
     """Read and split the calibration data and tokenize both parts for ``loaded``'s model."""
     split = load_data(config, loaded.labels)
@@ -122,8 +152,14 @@ def _params(encoder: Encoder) -> int:
     return sum(p.numel() for p in encoder.parameters())
 
 
-def run_pruning(loaded: LoadedModel, config: PruneConfig, progress: bool = True) -> PruneResult:
+def run_pruning(
+    loaded: LoadedModel, config: PruneConfig, progress: bool = True, *, prepared: PreparedData | None = None
+) -> PruneResult:
     """Prune ``loaded`` as ``config`` says and recover quality; ``loaded`` is left unchanged.
+
+    ``prepared`` (from :func:`prepare` with ``config.data`` and the same ``loaded``) skips
+    reading the data and computing the teacher's outputs; its timings are reported as this
+    run's ``data`` and ``teacher_outputs`` stages.
 
     Raises :class:`~pruneserve.optimizer.errors.DataError`, ``ConfigError`` or ``BudgetError``
     (all ``OptimizerError``) for problems the user can fix.
@@ -134,11 +170,11 @@ def run_pruning(loaded: LoadedModel, config: PruneConfig, progress: bool = True)
     timings = _Timings()
     seq_len = config.budget.cost_seq_len
 
-    with timings("data"):  # data.py: read, dedupe, split, tokenize
-        split, score_batches, eval_batches = prepare_data(loaded, config.data)
-    with timings("teacher_outputs"):  # quality.py: the reference every figure is measured against
-        teacher_score = teacher_outputs(teacher, score_batches)
-        teacher_eval = teacher_outputs(teacher, eval_batches)
+    if prepared is None:
+        prepared = prepare(loaded, config.data)  # data.py + quality.py: splits and teacher outputs
+    timings.update(prepared.timings)
+    split, score_batches, eval_batches = prepared.split, prepared.score_batches, prepared.eval_batches
+    teacher_score, teacher_eval = prepared.teacher_score, prepared.teacher_eval
     with timings("search"):  # importance.py + search.py: iterative, re-scored masks
         found = search(
             teacher, score_batches, eval_batches, config.budget, config.importance,

@@ -139,3 +139,34 @@ def test_help_explains_the_commands(capsys: pytest.CaptureFixture) -> None:
         text = capsys.readouterr().out
         assert "examples:" in text and "--data" in text
     assert "--quality-floor" in text and "--no-recovery" in text
+
+
+def test_prepared_data_gives_the_same_result_and_is_not_recomputed(
+    model: Path, data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``run_pruning(prepared=...)`` (the optimize pipeline's path) equals the plain path, with no second
+    pass of the teacher over the data."""
+    from pruneserve.optimizer import pruner
+    from pruneserve.optimizer.adapters import load_model
+    from pruneserve.optimizer.config import BudgetConfig, DataConfig, PruneConfig, RecoveryConfig
+
+    loaded = load_model(model)
+    config = PruneConfig(
+        data=DataConfig(path=str(data), max_length=32, batch_size=16),
+        budget=BudgetConfig(head_fraction=0.5, ffn_fraction=0.25),
+        recovery=RecoveryConfig(distill_steps=5),
+    )
+    plain = pruner.run_pruning(loaded, config, progress=False)
+    prepared = pruner.prepare(loaded, config.data)
+    calls: list[int] = []
+    monkeypatch.setattr(pruner, "teacher_outputs", lambda *a, **k: calls.append(1) or [])
+    again = pruner.run_pruning(loaded, config, progress=False, prepared=prepared)
+    assert calls == []
+    assert again.plan == plain.plan
+    assert [s.method for s in again.recovery] == [s.method for s in plain.recovery]
+    for a, b in zip(again.recovery, plain.recovery):
+        assert a.quality.mean_cosine == pytest.approx(b.quality.mean_cosine, abs=1e-5), (a, b)
+    assert set(again.timings) >= {"data", "teacher_outputs", "search", "recovery"}
+    state = plain.encoder.state_dict()
+    for key, value in again.encoder.state_dict().items():
+        torch.testing.assert_close(value, state[key], atol=1e-5, rtol=0)
