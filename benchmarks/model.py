@@ -346,6 +346,46 @@ def artifact_manifest(path: Path) -> dict[str, Any]:
     return json.loads((path / "manifest.json").read_text())
 
 
+def artifact_runtime(label: str, path: Path, threads: int) -> Runtime:
+    """An artifact on the engine its manifest recommends (what ``serve --engine auto`` runs).
+
+    ``runtime.engine == "openvino"`` compiles the artifact's ONNX with OpenVINO at the recorded
+    precision (the optimizer's :func:`~pruneserve.optimizer.engines.openvino_runner`, the same
+    settings as the server's engine); anything else runs on ONNX Runtime's CPU provider.
+    """
+    man = artifact_manifest(path)
+    onnx_path = path / man.get("model_file", "model.onnx")
+    runtime = man.get("runtime") or {}
+    note = _artifact_note(man)
+    if runtime.get("engine") == "openvino":
+        from pruneserve.optimizer.engines import openvino_runner
+
+        runner = openvino_runner(onnx_path, threads, str(runtime.get("precision", "f32")))
+
+        def run(b: TokenBatch) -> np.ndarray:
+            return runner(b.feeds(["input_ids", "attention_mask", "token_type_ids"]))
+
+        return Runtime(label, "pruneserve", run, onnx_path=onnx_path, note=f"{note}, on OpenVINO")
+    return ort_runtime(label, onnx_path, threads, kind="pruneserve", note=f"{note}, on ONNX Runtime")
+
+
+def quality_texts(quick: bool) -> tuple[list[str], list[str]]:
+    """(held-out texts, calibration texts) from the optimizer's own default split.
+
+    The held-out part is what ``pruneserve optimize`` reports its quality on; the calibration
+    texts are the first ``calibration_size`` scoring texts, the ones its static INT8 is
+    calibrated on, so the OpenVINO + NNCF peer is built from the same texts.
+    """
+    from pruneserve.optimizer.config import DataConfig
+    from pruneserve.optimizer.data import load_data
+    from pruneserve.optimizer.quantize import QuantizeConfig
+
+    split = load_data(DataConfig())
+    held_out = split.eval.texts[: 64 if quick else 256]
+    calibration = split.score.texts[: QuantizeConfig().calibration_size]
+    return held_out, calibration
+
+
 # -- measurements ------------------------------------------------------------------------
 
 
@@ -407,26 +447,23 @@ def run_model_bench(
         artifacts, art_notes = build_artifacts(cfg)
         notes += art_notes
     for label, path in artifacts.items():
-        man = artifact_manifest(path)
-        runtimes.append(
-            ort_runtime(
-                label,
-                path / man.get("model_file", "model.onnx"),
-                cfg.threads,
-                kind="pruneserve",
-                note=_artifact_note(man),
-            )
-        )
+        runtimes.append(artifact_runtime(label, path, cfg.threads))
 
-    n_fid = 64 if cfg.quick else 256
-    fid_batches = [tokenize(tok, corpus[1000 + i : 1000 + i + 16], 128) for i in range(0, n_fid, 16)]
-    ov, ov_notes = openvino_runtimes(baselines["ort-fp32"], cfg.threads, fid_batches[:4])
+    held_out, calibration = quality_texts(cfg.quick)
+    notes.append(
+        f"Fidelity and batch invariance on {len(held_out)} texts of the optimizer's held-out split of its "
+        f"default corpus (never used for scoring, recovery or calibration); the NNCF peer is calibrated on "
+        f"the first {len(calibration)} texts of the scoring split, the texts our static INT8 calibrates on."
+    )
+    fid_batches = [tokenize(tok, held_out[i : i + 16], 128) for i in range(0, len(held_out), 16)]
+    calib_batches = [tokenize(tok, [t], 128) for t in calibration]
+    ov, ov_notes = openvino_runtimes(baselines["ort-fp32"], cfg.threads, calib_batches)
     runtimes += ov
     notes += ov_notes
 
     ceilings = ceilings or measure_ceilings(cfg.threads, cfg.quick)
     fid = fidelity(runtimes, fid_batches)
-    inv_batch = tokenize(tok, corpus[1500:1516], 128)
+    inv_batch = tokenize(tok, held_out[:16], 128)
     inv = {rt.name: batch_invariance(rt, inv_batch, 4 if cfg.quick else 16) for rt in runtimes}
 
     rows: list[dict[str, Any]] = []

@@ -133,19 +133,26 @@ def run_optimize(preset: str, out: Path, timeout: float, extra: list[str] | None
 def run_optimizer_bench(cfg: BenchConfig) -> tuple[list[dict[str, Any]], list[str]]:
     """Time ``pruneserve optimize`` on the default model.
 
-    ``--full`` always runs ``--preset default`` afresh. ``--quick`` reports the record kept when
-    the harness built a cached artifact (same command, same measurement; the default preset's
+    ``--full`` reports ``--preset default`` built by the current optimizer code: the record the
+    harness kept when it built the default artifact (``build_artifacts`` rebuilds it whenever
+    ``optimizer/`` changed, so in ``make bench`` it is this run's build: same command, same
+    measurement), else a fresh run. ``--quick`` reports any kept record (the default preset's
     when there is one) and runs ``--preset light`` only when there is no record at all.
     """
+    from benchmarks.model import optimizer_fingerprint
+
     notes: list[str] = []
     assert cfg.artifact_cache is not None
     records = [cfg.artifact_cache / f"{p}.build.json" for p in ("default", "light", "aggressive")]
+    if not cfg.quick:
+        fingerprint = optimizer_fingerprint()
+        records = [r for r in records[:1] if r.is_file() and json.loads(r.read_text()).get("optimizer") == fingerprint]
     cached = next((r for r in records if r.is_file()), None)
     preset = "default" if not cfg.quick else "light"
-    if cfg.quick and cached is not None:
+    if cached is not None:
         res = json.loads(cached.read_text())
         preset = res["preset"]
-        notes.append(f"quick run: figures from the cached artifact's build ({res.get('measured_at', 'earlier')})")
+        notes.append(f"figures from the harness's build of the cached artifact ({res.get('measured_at', 'earlier')})")
     else:
         with tempfile.TemporaryDirectory(prefix="bench-optimize-") as tmp:
             try:

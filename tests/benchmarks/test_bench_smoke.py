@@ -173,3 +173,24 @@ def test_batch_row_drops_padding() -> None:
     mask = (ids != 0).astype(np.int64)
     b = TokenBatch(ids, mask, np.zeros_like(ids), ("a", "b"))
     assert b.row(0).input_ids.tolist() == [[101, 7, 102]] and b.row(1).shape == (1, 4)
+
+
+def test_artifact_runs_on_the_engine_its_manifest_recommends(tiny_artifact: Path, tmp_path: Path) -> None:
+    """The harness times an artifact where ``serve --engine auto`` would run it."""
+    pytest.importorskip("openvino")
+    from benchmarks._common import tokenize
+    from benchmarks.model import artifact_runtime
+    from tokenizers import Tokenizer
+
+    on_ov = tmp_path / "on-openvino"
+    shutil.copytree(tiny_artifact, on_ov)
+    manifest = json.loads((on_ov / "manifest.json").read_text())
+    manifest["runtime"] = {"engine": "openvino", "precision": "f32"}
+    (on_ov / "manifest.json").write_text(json.dumps(manifest))
+
+    ort_rt = artifact_runtime("ort", tiny_artifact, threads=1)
+    ov_rt = artifact_runtime("ov", on_ov, threads=1)
+    assert ort_rt.note.endswith("on ONNX Runtime") and ov_rt.note.endswith("on OpenVINO")
+    tok = Tokenizer.from_file(str(tiny_artifact / "tokenizer.json"))
+    batch = tokenize(tok, ["a short text", "a somewhat longer text than the first one"], 32)
+    np.testing.assert_allclose(ov_rt.run(batch), ort_rt.run(batch), atol=1e-4)
