@@ -15,16 +15,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pruneserve.artifact import ArtifactError
-from pruneserve.optimizer.commands_prune import (
+from pruneserve.optimizer.cli_args import (
     EXIT_USER_ERROR,
-    _flag_overrides,
-    _importance_flags,
-    _model_and_data,
-    _read_yaml,
+    add_importance_flags,
+    add_model_and_data_flags,
+    flag_overrides,
+    read_yaml,
 )
 from pruneserve.optimizer.config import PRESETS
 from pruneserve.optimizer.errors import OptimizerError
+
+from pruneserve.artifact import ArtifactError
 
 _HELP = """\
 Make a model cheap to serve and write a verified artifact for `pruneserve serve`:
@@ -57,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "optimize", help="prune, fuse, quantize and validate a model into a servable artifact",
         description=_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _model_and_data(parser)
+    add_model_and_data_flags(parser)
     parser.add_argument("--preset", choices=PRESETS,
                         help="pruning starting point: light (25%% heads), default (50%% heads, refit + "
                              "distillation), aggressive (50%% heads + 25%% FFN); default: default")
@@ -71,7 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     budget.add_argument("--quality-floor", type=float, dest="quality_floor", metavar="Q",
                         help="remove as much compute as keeps quality >= Q on held-out data, and hold the "
                              "final artifact to Q (default floor for the artifact: 0.95)")
-    _importance_flags(parser)
+    add_importance_flags(parser)
     stages = parser.add_argument_group("export, quantization and validation")
     stages.add_argument("--quantize", choices=("auto", "dynamic", "static", "fp16", "none"),
                         help="auto (default) picks by --target: cpu dynamic, tensorrt static, cuda fp16")
@@ -115,13 +116,13 @@ def build_optimize_config(args: argparse.Namespace) -> Any:
     """Preset, then ``--config``, then flags; returns a validated ``OptimizeConfig``."""
     from pruneserve.optimizer.pipeline import OptimizeConfig
 
-    raw: dict[str, Any] = _read_yaml(args.config) if args.config is not None else {}
+    raw: dict[str, Any] = read_yaml(args.config) if args.config is not None else {}
     flags = _top_level_flags(args)
     # A preset on the command line restarts pruning from that preset: drop the file's prune section.
     if args.preset is not None and args.preset != raw.get("preset"):
         raw.pop("prune", None)
     prune = dict(raw.get("prune") or {})
-    for section, values in _flag_overrides(args).items():
+    for section, values in flag_overrides(args).items():
         prune[section] = {**(prune.get(section) or {}), **values}
     for name in ("quantize", "export", "validate"):
         if name in flags:

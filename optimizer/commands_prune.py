@@ -14,14 +14,18 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
+from pruneserve.optimizer.cli_args import (
+    EXIT_USER_ERROR,
+    add_importance_flags,
+    add_model_and_data_flags,
+    flag_overrides,
+    read_yaml,
+)
 from pruneserve.optimizer.config import PRESETS, PruneConfig, no_recovery, preset
-from pruneserve.optimizer.errors import ConfigError, OptimizerError
+from pruneserve.optimizer.errors import OptimizerError
 
 logger = logging.getLogger(__name__)
-
-EXIT_USER_ERROR = 2
 
 _SCORE_HELP = """\
 Measure how much each attention head and FFN neuron matters (Michel et al., 2019): the
@@ -51,10 +55,6 @@ examples:
   pruneserve prune --model ./my-model --data traffic.txt --preset aggressive --out pruned/
 """
 
-_DATA_HELP = (
-    "calibration text: JSON Lines with 'text' (optional 'text_pair', 'label') or plain text, one "
-    "example per line (default: a bundled English corpus from the Python documentation)"
-)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -63,8 +63,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "score", help="score attention heads and FFN neurons by importance",
         description=_SCORE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _model_and_data(score)
-    _importance_flags(score)
+    add_model_and_data_flags(score)
+    add_importance_flags(score)
     score.add_argument("--out", required=True, type=Path, help="folder for importance.json and importance.png")
     score.set_defaults(func=run_score)
 
@@ -72,7 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "prune", help="prune heads/FFN neurons and recover quality",
         description=_PRUNE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _model_and_data(prune)
+    add_model_and_data_flags(prune)
     prune.add_argument("--preset", choices=PRESETS, default="default",
                        help="starting settings: light (25%% heads, refit), default (50%% heads, refit + "
                             "150 distillation steps), aggressive (50%% heads + 25%% FFN); default: default")
@@ -91,7 +91,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     budget.add_argument("--cost", choices=("flops", "count"), help="rank by importance per FLOP (default) or per unit")
     budget.add_argument("--protect-layers", type=int, nargs="*", dest="protected_layers", metavar="L",
                         help="layers that keep at least one head and neuron (default: -1, the last)")
-    _importance_flags(prune)
+    add_importance_flags(prune)
     recovery = prune.add_argument_group("recovery")
     recovery.add_argument("--no-recovery", action="store_true", help="skip refit and distillation")
     recovery.add_argument("--no-ffn-refit", action="store_false", dest="refit_ffn", default=None,
@@ -107,77 +107,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     prune.set_defaults(func=run_prune)
 
 
-def _model_and_data(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, metavar="DIR",
-                        help="Hugging Face model folder (default: the bundled all-MiniLM-L6-v2)")
-    parser.add_argument("--data", type=str, dest="path", metavar="FILE", help=_DATA_HELP)
-    parser.add_argument("--eval-fraction", type=float, dest="eval_fraction", metavar="F",
-                        help="share of the data held out to measure quality (default 0.25)")
-    parser.add_argument("--max-examples", type=int, dest="max_examples", metavar="N",
-                        help="use at most N examples in total (default 2000)")
-    parser.add_argument("--max-length", type=int, dest="max_length", metavar="N",
-                        help="truncate texts to N tokens (default 128)")
-    parser.add_argument("--batch-size", type=int, dest="batch_size", metavar="N", help="default 32")
-    parser.add_argument("--seed", type=int, help="seed of the data split and distillation order (default 0)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def _importance_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("importance scoring")
-    group.add_argument("--method", choices=("michel", "fisher"),
-                       help="michel: sum of |dL/dgate| (default); fisher: sum of squared gradients")
-    group.add_argument("--normalize", choices=("global", "layer"),
-                       help="global: one ranking across layers (default); layer: L2-normalise per layer")
-    group.add_argument("--loss", choices=("auto", "cross_entropy", "contrastive"),
-                       help="auto: cross-entropy for classifiers, contrastive vs the original for embeddings")
-    group.add_argument("--temperature", type=float, help="contrastive loss temperature (default 0.05)")
-    group.add_argument("--score-examples", type=int, dest="score_examples", metavar="N",
-                       help="texts per scoring pass (default 512; the search re-scores after every step)")
-
-
-#: config section -> {argparse dest: config field}; the dest is the field's name unless it would clash.
-_FLAG_SECTIONS: dict[str, dict[str, str]] = {
-    "data": {n: n for n in ("path", "eval_fraction", "max_examples", "max_length", "batch_size", "seed")},
-    "importance": {"method": "method", "normalize": "normalize", "loss": "loss", "temperature": "temperature",
-                   "score_examples": "max_examples"},
-    "budget": {n: n for n in ("head_fraction", "ffn_fraction", "quality_floor", "step_fraction", "cost",
-                              "protected_layers")},
-    "recovery": {n: n for n in ("refit_ffn", "ridge_alpha_scale", "distill_steps", "distill_epochs", "lr")},
-}
-
-
-def _flag_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """``{section: {field: value}}`` for every flag the user actually gave."""
-    out: dict[str, dict[str, Any]] = {}
-    for section, names in _FLAG_SECTIONS.items():
-        given = {field: getattr(args, dest) for dest, field in names.items() if getattr(args, dest, None) is not None}
-        if given:
-            out[section] = given
-    return out
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read --config {path}: {exc.strerror}; pass an existing YAML file") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--config {path} is not valid YAML: {exc}") from exc
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"--config {path} must hold a mapping with sections data/importance/budget/recovery")
-    return raw
-
-
 def build_prune_config(args: argparse.Namespace) -> PruneConfig:
     """Preset, then ``--config``, then flags (see the module docstring)."""
     config = preset(args.preset)
     if args.config is not None:
-        config = PruneConfig.from_dict(_read_yaml(args.config), base=config)
-    config = PruneConfig.from_dict(_flag_overrides(args), base=config)
+        config = PruneConfig.from_dict(read_yaml(args.config), base=config)
+    config = PruneConfig.from_dict(flag_overrides(args), base=config)
     if args.no_recovery:
         config = PruneConfig(config.data, config.importance, config.budget, no_recovery())
     return config
@@ -191,7 +126,7 @@ def _fail(exc: OptimizerError) -> int:
 def run_score(args: argparse.Namespace) -> int:
     """Handler of ``pruneserve score``."""
     try:
-        overrides = _flag_overrides(args)
+        overrides = flag_overrides(args)
         config = PruneConfig.from_dict({k: v for k, v in overrides.items() if k in ("data", "importance")})
         from pruneserve.optimizer.adapters import load_model
         from pruneserve.optimizer.pruner import score_model
