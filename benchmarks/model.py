@@ -247,6 +247,35 @@ def baseline_models(model_dir: Path, cache: Path) -> dict[str, Path]:
     return paths
 
 
+def static_int8_original(
+    fp32: Path, calibration: list[TokenBatch], held_out: list[TokenBatch], threads: int
+) -> Path | None:
+    """The original model through the optimizer's batch-invariant static INT8 (issue 9's mode).
+
+    Built by :func:`pruneserve.optimizer.static_int8.quantize_static_int8` (NNCF) from the same
+    calibration texts as the OpenVINO + NNCF peer, so the table shows dynamic INT8 and the
+    batch-invariant mode side by side on the same unpruned model. Cached beside ``fp32`` and
+    keyed by the calibration texts; ``None`` when NNCF is not installed.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("nncf") is None:
+        return None
+    from pruneserve.optimizer.static_int8 import ort_runner, quantize_static_int8
+
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    digest = hashlib.sha256("\n".join(t for b in calibration for t in b.texts).encode()).hexdigest()[:10]
+    out = fp32.parent / f"original_static_int8-{digest}.onnx"
+    if out.is_file():
+        return out
+    logger.info("building the unpruned batch-invariant static INT8 baseline into %s", out)
+    calib = [b.feeds(names) for b in calibration]
+    evals = [b.feeds(names) for b in held_out]
+    reference_run = ort_runner(fp32, threads)
+    quantize_static_int8(fp32, out, calib, evals, [reference_run(f) for f in evals], 0.0, method="nncf")
+    return out
+
+
 # -- ONNX runtimes -----------------------------------------------------------------------
 
 
@@ -460,6 +489,16 @@ def run_model_bench(
     ov, ov_notes = openvino_runtimes(baselines["ort-fp32"], cfg.threads, calib_batches)
     runtimes += ov
     notes += ov_notes
+    static = static_int8_original(baselines["ort-fp32"], calib_batches, fid_batches[:4], cfg.threads)
+    if static is not None:
+        runtimes.append(
+            ort_runtime(
+                "ort-int8-static", static, cfg.threads,
+                note="unpruned, pruneserve's batch-invariant static INT8 (NNCF QDQ, same calibration texts)",
+            )
+        )  # fmt: skip
+    else:
+        notes.append("NNCF not installed: the unpruned batch-invariant static INT8 row is skipped.")
 
     ceilings = ceilings or measure_ceilings(cfg.threads, cfg.quick)
     fid = fidelity(runtimes, fid_batches)

@@ -99,6 +99,10 @@ def test_model_and_scaling_end_to_end(tiny_model: Path, tiny_artifact: Path, tmp
         assert float(by[(name, "b1x32")]["fidelity_mean"]) > 0.9999, name
     # Dynamic INT8 is a different, approximate computation: not bit-identical to the original.
     assert float(by[("ort-int8-dynamic", "b1x32")]["fidelity_min"]) < 1.0
+    if "ort-int8-static" in runtimes:  # NNCF installed: issue 9's mode beside dynamic INT8
+        static = by[("ort-int8-static", "b1x32")]
+        assert float(static["fidelity_min"]) < 1.0
+        assert float(static["batch_invariance_max_abs"]) < 1e-4
     assert float(by[("pruneserve-tiny", "b32x128")]["gflop"]) > float(by[("pruneserve-tiny", "b1x32")]["gflop"])
     json_rows = json.loads((cfg.out_dir / "model.json").read_text())
     assert len(json_rows) == len(rows)
