@@ -64,6 +64,11 @@ class ArtifactModel:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # The same session options as pruneserve's engine (server/runtime.py) and the in-process
+        # ceiling: idle intra-op threads sleep instead of spinning, so they leave the two shared
+        # cores to the gRPC threads and the client between runs.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self.session = ort.InferenceSession(
             str(artifact / manifest.get("model_file", "model.onnx")), opts, providers=["CPUExecutionProvider"]
         )

@@ -8,9 +8,18 @@ this module can fail because of another request's content):
    puts it in the queue of its *length bucket* (the smallest configured bound that holds its
    longest sequence), so short texts are not padded to long ones.
 2. The scheduler picks the bucket whose oldest request is ready: the bucket holds
-   ``max_batch_size`` items, or that request has waited ``max_queue_delay``. It then waits for
+   ``max_batch_size`` items, or that request has waited ``max_queue_delay``, or (with
+   ``dispatch_when_idle``, the default) nothing of this model is executing. It then waits for
    a free worker and only then takes the batch, so requests that arrived meanwhile join it.
    Requests whose deadline passed or whose caller went away are dropped, never computed.
+
+   Why dispatch at once when idle: waiting for batch-mates only pays when the wait is shorter
+   than the run they would otherwise queue behind. With the engine idle, a lone request that
+   waits ``max_queue_delay`` just arrives that much later (measured: +2.6 ms of a 14 ms p50 at
+   concurrency 1). Under load batches still form, and without waiting: requests that arrive
+   while a batch executes queue up and leave together when it finishes. The queue delay then
+   only applies while a batch of the model is executing and a worker is free (``workers`` >
+   1), and as an upper bound on the wait when ``dispatch_when_idle`` is off (Triton's policy).
 3. The batch runs in the worker thread pool (off the event loop). If the run fails, each
    request is retried alone, so a request that breaks the engine fails only itself.
 
@@ -72,6 +81,8 @@ class DynamicBatcher:
         length_buckets: sorted upper bounds of the sequence-length buckets.
         isolate: run one request per execution (for artifacts that are not batch-invariant
             when the operator asks for isolation).
+        dispatch_when_idle: run queued work at once while no batch of this model executes,
+            instead of waiting ``max_queue_delay`` for batch-mates.
     """
 
     def __init__(
@@ -85,6 +96,7 @@ class DynamicBatcher:
         max_queue_size: int,
         length_buckets: Sequence[int],
         isolate: bool = False,
+        dispatch_when_idle: bool = True,
         metrics: Metrics | None = None,
         stats: StatsRecorder | None = None,
     ) -> None:
@@ -96,6 +108,10 @@ class DynamicBatcher:
         self.max_queue_size = max_queue_size
         self.bounds = sorted(length_buckets)
         self.isolate = isolate
+        self.dispatch_when_idle = dispatch_when_idle
+        #: Batches dispatched because the model was idle, before their head waited
+        #: ``max_queue_delay`` or the bucket was full (for introspection and tests).
+        self.idle_dispatches = 0
         self._metrics = metrics
         self.stats = stats if stats is not None else StatsRecorder(runtime.name, runtime.version)
         # One queue per bucket, plus one for sequences longer than the largest bound.
@@ -222,6 +238,12 @@ class DynamicBatcher:
             ]  # fmt: skip
             if ready:
                 return min(ready)[1]
+            if self.dispatch_when_idle and not self._inflight:
+                # Nothing of this model is executing: waiting for batch-mates would only delay
+                # the oldest request (see the module docstring). Its batch-mates are whoever
+                # queued meanwhile; under load that is everyone who arrived during the last run.
+                self.idle_dispatches += 1
+                return min(heads)[1]
             wait = min(t for t, _ in heads) + self.max_queue_delay_s - now
             try:
                 await asyncio.wait_for(self._arrival.wait(), timeout=max(wait, 0.0))
@@ -295,6 +317,9 @@ class DynamicBatcher:
             self._slots.release()
             self._inflight.discard(asyncio.current_task())  # type: ignore[arg-type]
             self._check_idle()
+            if self.dispatch_when_idle:
+                # The model may be idle now: requests that queued during this run go at once.
+                self._arrival.set()
 
     def _execute(self, batch: list[Prepared]) -> list[Result | BaseException]:
         """Worker thread: run the batch; on failure run each request alone to isolate the culprit."""
@@ -342,6 +367,7 @@ class DynamicBatcher:
             "max_queue_size": self.max_queue_size,
             "length_buckets": list(self.bounds),
             "isolate": self.isolate,
+            "dispatch_when_idle": self.dispatch_when_idle,
         }
 
 

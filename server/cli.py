@@ -71,6 +71,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help=f"longest wait for batch-mates (default {default('max_queue_delay_ms')})",
     )
     serve.add_argument(
+        "--dispatch-when-idle", action=argparse.BooleanOptionalAction,
+        help="run a request at once when its model is idle instead of waiting --max-queue-delay-ms for "
+             "batch-mates; batches still form under load (default on; --no-dispatch-when-idle = Triton's policy)",
+    )  # fmt: skip
+    serve.add_argument(
         "--max-queue-size",
         type=int,
         help=f"most queued items per model before RESOURCE_EXHAUSTED (default {default('max_queue_size')})",

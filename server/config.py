@@ -49,7 +49,12 @@ class ServeConfig:
         host, grpc_port: where the gRPC server listens.
         metrics_host, metrics_port: where Prometheus scrapes ``/metrics`` (port 0 = off).
         max_batch_size: most requests' items computed in one engine run.
-        max_queue_delay_ms: how long the first queued item may wait for batch-mates.
+        max_queue_delay_ms: how long the first queued item may wait for batch-mates while a
+            batch of its model executes (and always, when ``dispatch_when_idle`` is off).
+        dispatch_when_idle: run a queued request at once when nothing of its model is
+            executing, instead of waiting ``max_queue_delay_ms`` for batch-mates; under load
+            batches still form from the requests that queue during each run. Off = Triton's
+            policy (every batch waits up to the delay unless it is full).
         max_queue_size: most requests waiting per model; beyond it requests fail at once with
             RESOURCE_EXHAUSTED instead of queueing without bound.
         threads: ONNX Runtime intra-op threads per session (default: available cores
@@ -96,6 +101,7 @@ class ServeConfig:
     metrics_port: int = 8002
     max_batch_size: int = 32
     max_queue_delay_ms: float = 2.0
+    dispatch_when_idle: bool = True
     max_queue_size: int = 1024
     threads: int | None = None
     workers: int = 1
@@ -188,7 +194,7 @@ class ServeConfig:
                 f"length_buckets {self.length_buckets!r} must be a non-empty list of positive integers, e.g. [32, 128, 512]"
             )
         self.length_buckets = sorted(set(self.length_buckets))
-        for name in ("truncate", "isolate_batch_variant", "tensorrt_fp16", "tensorrt_int8"):
+        for name in ("truncate", "isolate_batch_variant", "dispatch_when_idle", "tensorrt_fp16", "tensorrt_int8"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if bool(self.tls_cert) != bool(self.tls_key):

@@ -5,7 +5,7 @@ The gRPC servicer is a thin layer over :class:`DataPlane` (the shape of KServe's
 method here, and maps :class:`~pruneserve.server.errors.ServerError` subclasses to status codes.
 
 One request's path: :meth:`DataPlane.infer` -> :meth:`ModelRuntime.prepare` (validate and
-tokenize, in a small thread pool) -> :class:`DynamicBatcher` (queue, length bucket, deadline)
+tokenize: on the event loop for small requests, in a small thread pool for large ones) -> :class:`DynamicBatcher` (queue, length bucket, deadline)
 -> :meth:`ModelRuntime.execute` (worker thread, engine run) -> :meth:`ModelRuntime.make_outputs`.
 With ``shadow_rate > 0``, a sample of answered requests is then handed (non-blocking) to the
 :class:`~pruneserve.server.shadow.ShadowComparator`, which measures live fidelity against the
@@ -49,6 +49,24 @@ SERVER_NAME = "pruneserve"
 EXTENSIONS: tuple[str, ...] = ("model_configuration", "statistics")
 
 Key = tuple[str, str]
+#: Requests whose inputs hold at most this many bytes are validated and tokenized on the event
+#: loop (about a paragraph of text: well under a millisecond), larger ones in a thread.
+INLINE_PREPARE_MAX_BYTES = 2048
+
+
+def request_payload_bytes(request: InferRequest) -> int:
+    """Bytes of input data a request carries (text bytes, or the arrays' size); cheap to compute."""
+    total = 0
+    for inp in request.inputs:
+        data = inp.data
+        if data.dtype == object:
+            for item in data.flat:
+                total += len(item) if isinstance(item, (bytes, bytearray, memoryview, str)) else 0
+                if total > INLINE_PREPARE_MAX_BYTES:  # the caller only compares with the bound
+                    return total
+        else:
+            total += int(data.nbytes)
+    return total
 
 
 class DataPlane:
@@ -79,6 +97,8 @@ class DataPlane:
         self._no_active.set()
         self._shadow: ShadowComparator | None = None
         self._rng = random.Random()
+        #: Requests prepared on the event loop because they were small (for introspection and tests).
+        self.inline_prepares = 0
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -113,6 +133,7 @@ class DataPlane:
             max_queue_size=self.config.max_queue_size,
             length_buckets=self.config.length_buckets,
             isolate=self.config.isolate_batch_variant and not rt.batch_invariant,
+            dispatch_when_idle=self.config.dispatch_when_idle,
             metrics=self.metrics,
             stats=stats,
         )
@@ -210,6 +231,7 @@ class DataPlane:
             "providers": ",".join(rt.engine.providers),
             "truncate": str(self.config.truncate).lower(),
             "isolate_batch_variant": str(isolate).lower(),
+            "dispatch_when_idle": str(self.config.dispatch_when_idle).lower(),
         }
         if rt.manifest.labels:
             params["labels"] = ",".join(rt.manifest.labels)
@@ -309,7 +331,13 @@ class DataPlane:
             )
 
     async def _prepare(self, rt: ModelRuntime, request: InferRequest) -> Prepared:
-        # Tokenizing a large request takes milliseconds; keep it off the event loop.
+        # Tokenizing a large request takes milliseconds; keep it off the event loop. A small
+        # one (a sentence: ~0.1 ms) costs less than the hop to a thread and back, which on a
+        # busy machine waits for that thread to be scheduled (measured: 0.27 ms inline vs
+        # 0.49 ms through the pool for one sentence), so it is prepared right here.
+        if request_payload_bytes(request) <= INLINE_PREPARE_MAX_BYTES:
+            self.inline_prepares += 1
+            return rt.prepare(request, self.config.max_batch_size)
         assert self._prep is not None
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._prep, rt.prepare, request, self.config.max_batch_size)
@@ -374,5 +402,5 @@ class DataPlane:
         shadow.submit(ShadowJob(rt, prepared, served, texts))
 
 
-__all__ = ["DataPlane", "EXTENSIONS", "PLATFORM"]
+__all__ = ["DataPlane", "EXTENSIONS", "INLINE_PREPARE_MAX_BYTES", "PLATFORM", "request_payload_bytes"]
 

@@ -17,7 +17,9 @@ Three layers, each replaceable on its own:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -604,6 +606,11 @@ class ModelRuntime:
         info.setdefault("kept_heads", "")
         return info
 
+    @functools.cached_property
+    def input_names(self) -> frozenset[str]:
+        """Names of the inputs a client may send (computed once: every request checks them)."""
+        return frozenset(s.name for s in self.input_specs(with_batch=True))
+
     def input_specs(self, with_batch: bool) -> list[TensorSpec]:
         """The inputs a client can send: ``text``, or pre-tokenized ids (all optional)."""
         b = [-1] if with_batch else []
@@ -631,7 +638,7 @@ class ModelRuntime:
             if inp.name in by_name:
                 raise InvalidArgumentError(f"input {inp.name!r} is given twice")
             by_name[inp.name] = inp
-        known = {s.name for s in self.input_specs(with_batch=True)}
+        known = self.input_names
         unknown = sorted(set(by_name) - known)
         if unknown:
             raise InvalidArgumentError(f"unknown inputs {unknown}; model {self.name!r} accepts {sorted(known)}")
@@ -688,7 +695,7 @@ class ModelRuntime:
         else:
             raise InvalidArgumentError(f"input {TEXT_INPUT!r} has shape {list(shape)}; expected [batch] or [batch, 1]")
         data = np.asarray(inp.data, dtype=object)
-        if data.size != int(np.prod(shape)):
+        if data.size != math.prod(shape):
             raise InvalidArgumentError(
                 f"input {TEXT_INPUT!r} declares shape {list(shape)} but carries {data.size} elements"
             )

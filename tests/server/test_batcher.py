@@ -36,6 +36,7 @@ from pruneserve.server.errors import (
     UnavailableError,
 )
 from pruneserve.server.metrics import Metrics
+from pruneserve.server.runtime import Engine
 
 
 def _config(*artifacts: Path, **kw: object) -> ServeConfig:
@@ -301,3 +302,102 @@ def test_stop_after_grace_answers_leftovers_unavailable(embedding_artifact: Path
 
     results = asyncio.run(main())
     assert all(isinstance(r, UnavailableError) for r in results)
+
+
+# -- dispatch when idle ------------------------------------------------------------------------
+#: A queue delay no test waits out: a request that waited for it would show ~10 s in the queue.
+LONG_DELAY_MS = 10_000.0
+
+
+def test_idle_batcher_dispatches_a_lone_request_without_the_queue_delay(embedding_artifact: Path, run_dataplane) -> None:
+    async def scenario(dp: DataPlane):
+        r = await dp.infer(text_request("tiny-embed", ["hello"]))
+        return r, dp.batcher("tiny-embed"), dp.model_statistics("tiny-embed")[0]
+
+    response, batcher, stats = run_dataplane(_config(embedding_artifact, max_queue_delay_ms=LONG_DELAY_MS), scenario)
+    assert response.outputs[0].data.shape == (1, 8)
+    assert batcher.dispatch_when_idle and batcher.idle_dispatches == 1
+    # Queue time is what the batcher recorded: far under the delay it did not wait out.
+    assert stats.queue.count == 1 and stats.queue.ns < LONG_DELAY_MS * 1e6 / 2
+
+
+def test_without_idle_dispatch_a_lone_request_waits_the_queue_delay(embedding_artifact: Path, run_dataplane) -> None:
+    delay_ms = 50.0
+
+    async def scenario(dp: DataPlane):
+        await dp.infer(text_request("tiny-embed", ["hello"]))
+        return dp.batcher("tiny-embed"), dp.model_statistics("tiny-embed")[0], dp.model_config("tiny-embed")
+
+    batcher, stats, config = run_dataplane(
+        _config(embedding_artifact, max_queue_delay_ms=delay_ms, dispatch_when_idle=False), scenario
+    )
+    assert not batcher.dispatch_when_idle and batcher.idle_dispatches == 0
+    assert config.parameters["dispatch_when_idle"] == "false"
+    # The scheduler cannot take the batch before its head has waited the delay (a lower bound).
+    assert stats.queue.count == 1 and stats.queue.ns >= delay_ms * 1e6
+
+
+def test_requests_queued_during_a_run_leave_together_when_it_ends(embedding_artifact: Path, run_dataplane) -> None:
+    texts = ["hello world", "cats and dogs", "the lazy dog", "red", "text", "blue green"]
+
+    async def scenario(dp: DataPlane):
+        engine, first = await _hold_worker(dp)
+        tasks = [asyncio.ensure_future(dp.infer(text_request("tiny-embed", [t]))) for t in texts]
+        await wait_for_pending(dp, "tiny-embed", len(texts))
+        engine.gate.set()
+        await asyncio.gather(first, *tasks)
+        return engine.batch_sizes, dp.batcher("tiny-embed"), dp.model_statistics("tiny-embed")[0]
+
+    sizes, batcher, stats = run_dataplane(_config(embedding_artifact, max_queue_delay_ms=LONG_DELAY_MS), scenario)
+    # One lone run, then everyone who queued during it, in one batch and without the delay.
+    assert sizes == [1, len(texts)]
+    assert batcher.idle_dispatches == 2
+    assert stats.queue.count == len(texts) + 1 and stats.queue.ns < LONG_DELAY_MS * 1e6 / 2
+
+
+class _SlowEngine(Engine):
+    """A real engine that takes at least ``seconds`` per run (sleeping in the worker thread)."""
+
+    name = "slow"
+
+    def __init__(self, inner: Engine, seconds: float) -> None:
+        self.inner, self.seconds = inner, seconds
+
+    @property
+    def providers(self) -> list[str]:
+        return self.inner.providers
+
+    @property
+    def requested_providers(self) -> list[str]:
+        return self.inner.requested_providers
+
+    def run(self, feeds, outputs=None):  # type: ignore[no-untyped-def]
+        time.sleep(self.seconds)
+        return self.inner.run(feeds, outputs)
+
+
+def test_batches_form_under_concurrent_load_with_idle_dispatch(embedding_artifact: Path, run_dataplane) -> None:
+    clients, per_client = 12, 6
+
+    async def client(dp: DataPlane, k: int) -> None:
+        for i in range(per_client):
+            await dp.infer(text_request("tiny-embed", [WORDS[(k + i) % len(WORDS)]]))
+
+    async def scenario(dp: DataPlane):
+        rt = dp.repository.get("tiny-embed")
+        rt.engine = _SlowEngine(rt.engine, 0.005)
+        await asyncio.gather(*(client(dp, k) for k in range(clients)))
+        return dp.model_statistics("tiny-embed")[0], dp.batcher("tiny-embed")
+
+    metrics = Metrics()
+    stats, batcher = run_dataplane(_config(embedding_artifact, max_queue_delay_ms=LONG_DELAY_MS), scenario, metrics)
+    assert stats.inference_count == clients * per_client
+    # Requests that arrive while a run executes share the next one: mean batch size > 1.
+    assert stats.execution_count < stats.inference_count
+    assert batcher.idle_dispatches == stats.execution_count  # none waited for the delay
+    assert _counter(metrics, "pruneserve_executions_total") == stats.execution_count
+    assert _counter(metrics, "pruneserve_inferences_total") == clients * per_client
+
+
+def _counter(metrics: Metrics, name: str) -> float:
+    return sum(s.value for m in metrics.registry.collect() for s in m.samples if s.name == name)

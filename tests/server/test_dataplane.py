@@ -135,3 +135,27 @@ def test_shadow_is_off_by_default(artifact_factory, run_dataplane) -> None:
 
     run_dataplane(ServeConfig(artifacts=[str(path)], threads=1), scenario, metrics)
     assert metrics.registry.get_sample_value("pruneserve_live_fidelity_count", {"model": "shadowed", "version": "1"}) is None
+
+
+def test_small_requests_are_prepared_inline_and_large_ones_in_the_pool(serve_config: ServeConfig, run_dataplane) -> None:
+    from tiny_artifacts import WORDS
+
+    from pruneserve.server.dataplane import INLINE_PREPARE_MAX_BYTES, request_payload_bytes
+
+    small = text_request("tiny-embed", ["hello world"])
+    long_text = " ".join(WORDS[i % len(WORDS)] for i in range(20))
+    large = text_request("tiny-embed", [long_text] * 24)
+    assert request_payload_bytes(small) <= INLINE_PREPARE_MAX_BYTES < request_payload_bytes(large)
+
+    async def scenario(dp: DataPlane):
+        a = await dp.infer(small)
+        after_small = dp.inline_prepares
+        b = await dp.infer(large)
+        return a, b, after_small, dp.inline_prepares
+
+    a, b, after_small, after_large = run_dataplane(serve_config, scenario)
+    assert (after_small, after_large) == (1, 1)  # the large one went through the thread pool
+    # Both paths compute the same thing as an independent forward pass.
+    for response, texts in ((a, ["hello world"]), (b, [long_text] * 24)):
+        expected = reference_forward(serve_config.artifacts[0] + "/model.onnx", *tokenize(texts))
+        np.testing.assert_allclose(response.outputs[0].data, expected, atol=1e-5)

@@ -1,0 +1,258 @@
+"""Where a request's time goes, side by side: pruneserve variants, Triton and the in-process ceiling.
+
+``python -m benchmarks.server_latency [--rounds 3] [--seconds 2] [--concurrency 1,16] [--variant NAME=ARGS]``
+
+The harness's server benchmark (``benchmarks/server.py``) measures one server after the other;
+on a machine shared with other jobs the load moves between them. Here every server is started
+once and stays up (idle servers cost nothing measurable), and the perf_analyzer runs are
+interleaved: each round measures every server and the in-process ceiling at each concurrency,
+in a rotating order, and the figures are medians over rounds. Each round records the load
+average, so a round taken under a different load can be seen.
+
+Besides perf_analyzer's throughput and latency percentiles it records:
+
+* the CPU time perf_analyzer itself used per request (``getrusage`` of the child), to show how
+  much of the two shared cores the client takes;
+* the CPU time each server's process group used per request (``/proc/PID/stat`` of every
+  process in the group: Triton's ``tritonserver`` and Python stub included);
+* for pruneserve, its own histograms per request: arrival-to-answer in the data plane, queue
+  wait, and compute per batch; the gap between perf_analyzer's latency and the data plane's is
+  the transport and the client (gRPC in both processes, protobuf, the loopback).
+
+Servers get the same flags as in ``benchmarks/server.py`` (threads, max batch, queue delay);
+a variant adds pruneserve flags (e.g. ``queue-delay=--no-dispatch-when-idle``). Results go
+to ``benchmarks/results/server_latency.json`` (or ``--out``) and a table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import shlex
+import statistics
+import subprocess
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from benchmarks._common import DEFAULT_RESULTS, load_corpus
+from benchmarks.server import (
+    LoadSettings,
+    ServerProcess,
+    _parse_pa_csv,
+    ensure_perf_analyzer,
+    inprocess_ceiling,
+    scrape,
+    serving,
+    write_input_data,
+)
+
+logger = logging.getLogger("benchmarks.server_latency")
+
+#: pruneserve's per-request histograms (sums and counts) scraped around each load.
+HISTOGRAMS = (
+    "pruneserve_request_duration_seconds",
+    "pruneserve_queue_duration_seconds",
+    "pruneserve_compute_duration_seconds",
+)
+COUNTERS = ("pruneserve_inferences_total", "pruneserve_executions_total")
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU seconds of every live process in process group ``pgid``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        # fields[2] is pgrp; fields[11], fields[12] are utime, stime (stat fields 14 and 15).
+        if int(fields[2]) == pgid:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def uptime() -> str:
+    """The load averages, as ``uptime`` prints them."""
+    return subprocess.run(["uptime"], capture_output=True, text=True, timeout=10).stdout.strip()
+
+
+def measure(
+    pa: Path, server: ServerProcess, concurrency: int, input_json: Path, settings: LoadSettings, csv_out: Path
+) -> dict[str, Any]:
+    """One perf_analyzer load against ``server``, with the client's and the server's CPU per request."""
+    cmd = [
+        str(pa), "-m", server.model, "-i", "grpc", "-u", f"127.0.0.1:{server.grpc_port}",
+        "--input-data", str(input_json), "--concurrency-range", str(concurrency),
+        "-p", str(settings.interval_ms), "-r", str(settings.max_trials), "-s", str(settings.stability_pct),
+        "--percentile=99", "-f", str(csv_out),
+    ]  # fmt: skip
+    names = [f"{h}_{s}" for h in HISTOGRAMS for s in ("sum", "count")] + list(COUNTERS)
+    names += ["nv_inference_count", "nv_inference_exec_count", "nv_inference_request_success"]
+    pgid = os.getpgid(server.proc.pid)
+    before, cpu0 = scrape(server.metrics_port, names), group_cpu_seconds(pgid)
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=settings.timeout_s)
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    after, cpu1 = scrape(server.metrics_port, names), group_cpu_seconds(pgid)
+    if proc.returncode != 0:
+        raise RuntimeError(f"perf_analyzer failed on {server.kind}: {(proc.stdout + proc.stderr)[-600:]}")
+    row = _parse_pa_csv(csv_out)
+    d = {n: after[n] - before[n] for n in names}
+    requests = d["pruneserve_request_duration_seconds_count"] or d["nv_inference_request_success"]
+    items, runs = (d[COUNTERS[0]], d[COUNTERS[1]]) if server.kind == "pruneserve" else (
+        d["nv_inference_count"], d["nv_inference_exec_count"])  # fmt: skip
+    row["mean_batch_size"] = items / runs if runs else float("nan")
+    row["requests"] = requests
+    row["server_cpu_ms_per_request"] = 1e3 * (cpu1 - cpu0) / requests if requests else float("nan")
+    client_cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    # perf_analyzer also sends warm-up and between-window requests the server counted too.
+    row["client_cpu_ms_per_request"] = 1e3 * client_cpu / requests if requests else float("nan")
+    if server.kind == "pruneserve":
+        for h in HISTOGRAMS:
+            n = d[f"{h}_count"]
+            short = h.removeprefix("pruneserve_").removesuffix("_duration_seconds")
+            row[f"server_{short}_ms"] = 1e3 * d[f"{h}_sum"] / n if n else float("nan")
+    row["command"] = " ".join(cmd)
+    return row
+
+
+def _median_rows(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+        out[key] = statistics.median(values) if len(values) == len(rows) else rows[-1][key]
+    out["rounds"] = len(rows)
+    return out
+
+
+def run(
+    artifact: Path,
+    threads: int,
+    variants: dict[str, list[str]],
+    concurrencies: Sequence[int],
+    rounds: int,
+    seconds: float,
+    out: Path,
+    triton: bool = True,
+) -> dict[str, Any]:
+    """Start every server, interleave the loads for ``rounds`` rounds; returns (and writes) the results."""
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    model = manifest["name"]
+    work = out.parent / "server_latency_work"
+    work.mkdir(parents=True, exist_ok=True)
+    texts = load_corpus()[:256]
+    input_json = write_input_data(texts, work / "input_data.json")
+    settings = LoadSettings(int(seconds * 1000), 3, 1000)
+    pa = ensure_perf_analyzer()
+    per: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    loads: list[str] = []
+    with ExitStack() as stack:
+        servers: dict[str, ServerProcess] = {}
+        for name, args in variants.items():
+            servers[name] = stack.enter_context(serving("pruneserve", artifact, model, threads, work / name, args))
+        if triton:
+            servers["triton"] = stack.enter_context(serving("triton", artifact, model, threads, work / "triton"))
+        order = [*servers, "in-process"]
+        for r in range(rounds):
+            loads.append(uptime())
+            logger.info("round %d/%d: %s", r + 1, rounds, loads[-1])
+            rotated = order[r % len(order) :] + order[: r % len(order)]
+            for c in concurrencies:
+                for name in rotated:
+                    if name == "in-process":
+                        row = inprocess_ceiling(artifact, threads, texts, c, seconds * 3)
+                    else:
+                        row = measure(pa, servers[name], c, input_json, settings, work / f"{name}_c{c}.csv")
+                    row["load"] = loads[-1].split("load average:")[-1].strip()
+                    per.setdefault((name, c), []).append(row)
+                    logger.info("  %s c=%d: %.1f/s p50 %.2f ms", name, c, row["throughput_infer_s"], row["p50_ms"])
+        loads.append(uptime())
+    results = [{"server": n, "concurrency": c, **_median_rows(rs)} for (n, c), rs in per.items()]
+    by = {(r["server"], r["concurrency"]): r for r in results}
+    for r in results:
+        ceiling, peer = by.get(("in-process", r["concurrency"])), by.get(("triton", r["concurrency"]))
+        r["p50_over_inprocess_ms"] = r["p50_ms"] - ceiling["p50_ms"] if ceiling else float("nan")
+        r["vs_triton"] = r["throughput_infer_s"] / peer["throughput_infer_s"] if peer else float("nan")
+        r["p99_vs_triton"] = r["p99_ms"] / peer["p99_ms"] if peer else float("nan")
+    payload = {
+        "artifact": str(artifact),
+        "threads": threads,
+        "variants": variants,
+        "rounds": rounds,
+        "seconds_per_window": seconds,
+        "loads": loads,
+        "results": sorted(results, key=lambda r: (r["concurrency"], r["server"])),
+        "per_round": {f"{n}@c{c}": rs for (n, c), rs in per.items()},
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=1, default=str))
+    return payload
+
+
+def table(payload: dict[str, Any]) -> str:
+    """A markdown table of the medians."""
+    head = (
+        "| server | c | texts/s | p50 ms | p99 ms | p50 - in-process | vs Triton | p99 vs Triton | mean batch "
+        "| server CPU ms/req | client CPU ms/req | data plane ms | queue ms | compute ms/batch |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+
+    def f(v: Any, fmt: str) -> str:
+        return "-" if not isinstance(v, (int, float)) or v != v else format(v, fmt)
+
+    for r in payload["results"]:
+        lines.append(
+            f"| {r['server']} | {r['concurrency']} | {f(r['throughput_infer_s'], '.1f')} | {f(r['p50_ms'], '.2f')} "
+            f"| {f(r['p99_ms'], '.2f')} | {f(r['p50_over_inprocess_ms'], '+.2f')} | {f(r['vs_triton'], '.2f')}x "
+            f"| {f(r['p99_vs_triton'], '.2f')}x | {f(r.get('mean_batch_size'), '.2f')} "
+            f"| {f(r.get('server_cpu_ms_per_request'), '.2f')} | {f(r.get('client_cpu_ms_per_request'), '.2f')} "
+            f"| {f(r.get('server_request_ms'), '.2f')} | {f(r.get('server_queue_ms'), '.2f')} "
+            f"| {f(r.get('server_compute_ms'), '.2f')} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse flags, run, print the table."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.server_latency", description=__doc__.splitlines()[0])
+    p.add_argument("--artifact", type=Path, default=DEFAULT_RESULTS / "artifacts" / "default")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seconds", type=float, default=2.0, help="perf_analyzer window (three per load)")
+    p.add_argument("--concurrency", default="1,16")
+    p.add_argument(
+        "--variant", action="append", default=[], metavar="NAME=ARGS",
+        help="a pruneserve variant with extra serve flags (repeatable); 'pruneserve' with no flags is always run",
+    )  # fmt: skip
+    p.add_argument("--no-triton", action="store_true")
+    p.add_argument("--out", type=Path, default=DEFAULT_RESULTS / "server_latency.json")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logger.setLevel(logging.INFO)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    variants: dict[str, list[str]] = {"pruneserve": []}
+    for spec in args.variant:
+        name, _, flags = spec.partition("=")
+        variants[name] = shlex.split(flags)
+    payload = run(
+        args.artifact, args.threads, variants, [int(c) for c in args.concurrency.split(",")],
+        args.rounds, args.seconds, args.out, triton=not args.no_triton,
+    )  # fmt: skip
+    print(table(payload))
+    print("load:", *payload["loads"], sep="\n  ")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
