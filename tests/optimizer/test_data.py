@@ -141,3 +141,32 @@ def test_default_data_split_sizes() -> None:
     split = load_data(DataConfig())
     assert (len(split.score), len(split.eval)) == (1500, 500)
     assert not set(split.score.texts) & set(split.eval.texts)
+
+
+def test_length_bucketed_batches_keep_every_example_and_pad_less(tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    from pruneserve.optimizer.adapters import load_model
+    from pruneserve.optimizer.data import Dataset, Example, make_batches
+
+    loaded = load_model(tiny_model_dir("bert", "classification"))
+    texts = [e.text for e in default_examples()[:100]]
+    dataset = Dataset(tuple(Example(t, line=i + 1) for i, t in enumerate(texts)), tuple(i % 2 for i in range(100)), "t")
+    options = {"batch_size": 16, "max_length": 512, "uses_token_type_ids": True}
+    plain = make_batches(dataset, loaded.tokenizer, **options)
+    bucketed = make_batches(dataset, loaded.tokenizer, **options, by_length=True, seed=3)
+    assert make_batches(dataset, loaded.tokenizer, **options, by_length=True, seed=3)[0].inputs["input_ids"].equal(
+        bucketed[0].inputs["input_ids"])  # deterministic
+
+    def rows(batches: list) -> list[tuple[tuple[int, ...], int]]:
+        out = []
+        for b in batches:
+            for ids, mask, label in zip(b.inputs["input_ids"], b.attention_mask, b.labels):
+                out.append((tuple(ids[mask.bool()].tolist()), int(label)))
+        return sorted(out)
+
+    assert rows(bucketed) == rows(plain)  # same texts, each with its own label
+    assert [b.size for b in bucketed].count(16) == 6 and sum(b.size for b in bucketed) == 100
+    padded = {name: sum(b.attention_mask.numel() for b in bs) for name, bs in (("plain", plain), ("bucketed", bucketed))}
+    assert padded["bucketed"] < 0.8 * padded["plain"], padded
+    # The batch order is shuffled: the first batches are not simply the shortest texts.
+    widths = [b.attention_mask.shape[1] for b in bucketed]
+    assert widths != sorted(widths)
