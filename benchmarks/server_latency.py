@@ -121,7 +121,7 @@ def measure(
         for h in HISTOGRAMS:
             n = d[f"{h}_count"]
             short = h.removeprefix("pruneserve_").removesuffix("_duration_seconds")
-            row[f"server_{short}_ms"] = 1e3 * d[f"{h}_sum"] / n if n else float("nan")
+            row[f"dp_{short}_ms"] = 1e3 * d[f"{h}_sum"] / n if n else float("nan")
     row["command"] = " ".join(cmd)
     return row
 
@@ -216,8 +216,8 @@ def table(payload: dict[str, Any]) -> str:
             f"| {f(r['p99_ms'], '.2f')} | {f(r['p50_over_inprocess_ms'], '+.2f')} | {f(r['vs_triton'], '.2f')}x "
             f"| {f(r['p99_vs_triton'], '.2f')}x | {f(r.get('mean_batch_size'), '.2f')} "
             f"| {f(r.get('server_cpu_ms_per_request'), '.2f')} | {f(r.get('client_cpu_ms_per_request'), '.2f')} "
-            f"| {f(r.get('server_request_ms'), '.2f')} | {f(r.get('server_queue_ms'), '.2f')} "
-            f"| {f(r.get('server_compute_ms'), '.2f')} |"
+            f"| {f(r.get('dp_request_ms'), '.2f')} | {f(r.get('dp_queue_ms'), '.2f')} "
+            f"| {f(r.get('dp_compute_ms'), '.2f')} |"
         )
     return "\n".join(lines)
 

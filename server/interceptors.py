@@ -15,7 +15,6 @@ fail with UNAVAILABLE while the RPCs already running are counted until they fini
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import inspect
 import logging
@@ -25,7 +24,6 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import grpc
-
 from pruneserve.server.errors import ServerError, UnavailableError
 
 logger = logging.getLogger(__name__)
@@ -89,6 +87,27 @@ def _request_id(request: Any, context: grpc.aio.ServicerContext) -> str:
 _Guard = Callable[[Any, grpc.aio.ServicerContext], AbstractAsyncContextManager[None]]
 
 
+class _HandlerCache:
+    """Wrapped handlers by method, so an RPC does not rebuild its handler on every call.
+
+    grpc.aio runs every interceptor for every call; wrapping is the same each time for a
+    method, and only registered methods reach here (unknown ones have no handler), so the
+    cache is bounded by the services the server exposes.
+    """
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def get(self, method: str, handler: grpc.RpcMethodHandler, wrap: Callable[[], grpc.RpcMethodHandler]) -> grpc.RpcMethodHandler:
+        """The wrapped ``handler`` of ``method``, built by ``wrap()`` the first time it is seen."""
+        hit = self._wrapped.get(method)
+        if hit is not None and hit[0] is handler:
+            return hit[1]
+        wrapped = wrap()
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+
 def _guarded(handler: grpc.RpcMethodHandler, guard: _Guard) -> grpc.RpcMethodHandler:
     """A handler of the same kind whose behaviour runs inside ``guard(request, context)``.
 
@@ -123,8 +142,31 @@ def _guarded(handler: grpc.RpcMethodHandler, guard: _Guard) -> grpc.RpcMethodHan
     return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream), **kw)
 
 
+class _ErrorGuard:
+    """One RPC's request-id binding and exception mapping (a plain class: cheaper per call than
+    a generator-based context manager)."""
+
+    __slots__ = ("_context", "_message", "_method", "_rid")
+
+    def __init__(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> None:
+        self._method, self._context = method, context
+        self._message = None if _is_iterator(request) else request
+        self._rid = ""
+
+    async def __aenter__(self) -> None:
+        self._rid = _request_id(self._message, self._context)
+
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> bool:
+        if isinstance(exc, Exception):  # not CancelledError/GeneratorExit: those must propagate
+            await ErrorInterceptor._abort(self._context, exc, self._method, self._rid, self._message)
+        return False
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps exceptions to gRPC status codes and logs each failure with its request id."""
+
+    def __init__(self) -> None:
+        self._handlers = _HandlerCache()
 
     async def intercept_service(
         self,
@@ -136,16 +178,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return None
         method = handler_call_details.method
 
-        @contextlib.asynccontextmanager
-        async def guard(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-            message = None if _is_iterator(request) else request
-            rid = _request_id(message, context)
-            try:
-                yield
-            except Exception as exc:
-                await self._abort(context, exc, method, rid, message)
+        def guard(request: Any, context: grpc.aio.ServicerContext) -> _ErrorGuard:
+            return _ErrorGuard(method, request, context)
 
-        return _guarded(handler, guard)
+        return self._handlers.get(method, handler, lambda: _guarded(handler, guard))
 
     @staticmethod
     async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str, rid: str, request: Any) -> None:
@@ -180,6 +216,7 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._handlers = _HandlerCache()
 
     @property
     def draining(self) -> bool:
@@ -209,22 +246,40 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(_ALWAYS_ALLOWED_PREFIXES):
+        method = handler_call_details.method
+        if handler is None or method.startswith(_ALWAYS_ALLOWED_PREFIXES):
             return handler
-        return _guarded(handler, self._admit)
+        return self._handlers.get(method, handler, lambda: _guarded(handler, self._admit))
 
-    @contextlib.asynccontextmanager
-    async def _admit(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    def _admit(self, request: Any, context: grpc.aio.ServicerContext) -> _Admission:
+        return _Admission(self)
+
+    def _enter(self) -> None:
         if self._draining:
             raise UnavailableError("the server is shutting down; retry on another replica")
         self._in_flight += 1
         self._idle.clear()
-        try:
-            yield
-        finally:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
+
+    def _exit(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._idle.set()
+
+
+class _Admission:
+    """Counts one admitted RPC for :class:`DrainInterceptor` (refused at entry while draining)."""
+
+    __slots__ = ("_drain",)
+
+    def __init__(self, drain: DrainInterceptor) -> None:
+        self._drain = drain
+
+    async def __aenter__(self) -> None:
+        self._drain._enter()
+
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> bool:
+        self._drain._exit()
+        return False
 
 
 __all__ = [
