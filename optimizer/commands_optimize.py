@@ -35,12 +35,18 @@ for the target, validate against the original model, and write model.onnx, token
 manifest.json (sha256 of every file), report.md with figures, optimize.yaml and pruning.json.
 
 Defaults: the bundled all-MiniLM-L6-v2, the bundled English corpus, the "default" preset
-(50% of heads, refit + distillation), dynamic per-channel INT8 for --target cpu, and a
-quality floor of 0.95 mean cosine to the original model.
+(50% of heads, refit + distillation), --quantize auto, and a quality floor of 0.95 mean
+cosine to the original model.
 
-Quantization per target (--quantize auto): cpu -> dynamic INT8 (fused graph; not
-batch-invariant), tensorrt -> static S8S8 QDQ calibrated on --data (batch-invariant),
-cuda -> fp16 with normalisations and Softmax kept in fp32.
+--quantize auto on --target cpu builds dynamic INT8 (fused graph), calibrated static INT8
+(NNCF or ONNX Runtime, batch-invariant) and fp32, measures each one's held-out quality,
+batch invariance and latency on every engine installed here (ONNX Runtime, OpenVINO f32/bf16),
+and keeps the fastest (quantization, engine) pair that meets the quality floor and answers a
+text the same alone or batched (--allow-batch-variance lets dynamic INT8 compete). The
+manifest records every candidate's numbers and why it was or was not chosen, and the engine
+`pruneserve serve --engine auto` will use. GPU targets cannot be measured here and keep fixed
+modes: tensorrt -> static S8S8 QDQ calibrated on --data, cuda -> fp16 with normalisations
+and Softmax kept in fp32. An explicit --quantize dynamic|static|none forces that mode.
 
 Quality holds on text like the calibration data: pass --data with a sample of your traffic.
 
@@ -75,7 +81,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     add_importance_flags(parser)
     stages = parser.add_argument_group("export, quantization and validation")
     stages.add_argument("--quantize", choices=("auto", "dynamic", "static", "fp16", "none"),
-                        help="auto (default) picks by --target: cpu dynamic, tensorrt static, cuda fp16")
+                        help="auto (default): on cpu, the fastest measured of dynamic/static/none that meets "
+                             "the floor (and batch invariance); tensorrt static, cuda fp16")
+    stages.add_argument("--allow-batch-variance", action="store_true", default=None, dest="allow_batch_variance",
+                        help="let auto choose a graph whose answers move slightly with their batch-mates "
+                             "(dynamic INT8); default: batch-invariant answers only")
     stages.add_argument("--target", choices=("cpu", "cuda", "tensorrt"),
                         help="where the artifact will run (default: cpu)")
     stages.add_argument("--calibration-size", type=int, dest="calibration_size", metavar="N",
@@ -94,7 +104,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 def _top_level_flags(args: argparse.Namespace) -> dict[str, Any]:
     """``OptimizeConfig`` overrides from the flags the user gave (``None`` = not given)."""
     raw: dict[str, Any] = {"out": str(args.out)}
-    for key in ("model", "name", "preset", "target", "with_reference", "overwrite"):
+    for key in ("model", "name", "preset", "target", "with_reference", "overwrite", "allow_batch_variance"):
         value = getattr(args, key, None)
         if value is not None:
             raw[key] = str(value) if key == "model" else value

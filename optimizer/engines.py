@@ -22,14 +22,22 @@ import importlib.util
 import logging
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pruneserve.optimizer.errors import ValidationError
-from pruneserve.optimizer.static_int8 import Feeds, Runner, batch_invariance, mean_cosine, ort_runner
+from pruneserve.optimizer.static_int8 import (
+    DEFAULT_INVARIANCE_TOLERANCE,
+    Feeds,
+    Runner,
+    batch_invariance,
+    mean_cosine,
+    ort_runner,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +45,8 @@ logger = logging.getLogger(__name__)
 ONNXRUNTIME = "onnxruntime"
 OPENVINO_F32 = "openvino-f32"
 OPENVINO_BF16 = "openvino-bf16"
-#: Largest alone-vs-batched difference for an engine to count as batch-invariant.
-DEFAULT_INVARIANCE_TOLERANCE = 1e-3
+#: Turns a graph's outputs on the held-out batches into the quality on the floor's scale.
+Scorer = Callable[[list[np.ndarray]], float]
 
 
 def openvino_runner(path: str | Path, threads: int = 1, precision: str = "f32") -> Runner:
@@ -130,6 +138,97 @@ def time_interleaved(
     return {k: (_median_ms(b1), _median_ms(b32)) for k, (b1, b32) in samples.items()}
 
 
+def measure_graphs(
+    graphs: Mapping[str, str | Path],
+    feeds_b1: Feeds,
+    feeds_b32: Feeds,
+    reference_outputs: np.ndarray | Sequence[np.ndarray],
+    threads: int = 1,
+    *,
+    rounds: int = 5,
+    engines: Sequence[str] | None = None,
+    invariance_feeds: Sequence[Feeds] | None = None,
+    fidelity_feeds: Sequence[Feeds] | None = None,
+    score: Scorer | None = None,
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Latency, fidelity and batch invariance of several graphs, each on every available engine.
+
+    All (graph, engine) pairs are timed in one interleaved loop (one run of each pair per
+    round), so a shared machine's load falls on every candidate alike and the ratios between
+    graphs are as fair as those between engines.
+
+    Args:
+        graphs: name -> ONNX path (e.g. the quantization candidates ``dynamic``, ``static``, ``none``).
+        feeds_b1: one text (the b1 latency, e.g. ``[1, 32]``).
+        feeds_b32: a batch (the batched latency, e.g. ``[32, 128]``; also the fidelity and
+            batch-invariance texts unless ``fidelity_feeds`` / ``invariance_feeds`` are given).
+        reference_outputs: the reference first output on ``feeds_b32``, or one per
+            ``fidelity_feeds`` batch when those are given.
+        threads: intra-op threads per engine.
+        rounds: timed rounds, interleaved across all pairs (medians are reported).
+        engines: keys to measure (default: :func:`available_engines`).
+        invariance_feeds: texts of varied lengths for the batch-invariance probe (default
+            ``feeds_b32``; texts of one length never exercise padding).
+        fidelity_feeds: held-out batches to measure fidelity on (default ``feeds_b32``).
+        score: turns the outputs on ``fidelity_feeds`` into the quality on the floor's scale
+            (e.g. 1 - accuracy drop for classifiers); default mean cosine to the reference.
+
+    Returns:
+        ``{graph: {key: {"engine", "precision", "fidelity", "batch_invariance", "threads",
+        "latency_b1x32_ms", "latency_b32x128_ms"}}}`` (latency keys are named after the shapes
+        actually given), or ``{"engine", "precision", "error"}`` for an engine that cannot run
+        a graph (e.g. OpenVINO on dynamic INT8's ``QAttention``).
+    """
+    known = available_engines()
+    keys = list(engines) if engines is not None else list(known)
+    for key in keys:
+        if key not in known:
+            logger.info("engine %s is not available on this machine; not measured", key)
+    keys = [k for k in keys if k in known]
+    reference = list(reference_outputs) if not isinstance(reference_outputs, np.ndarray) else [reference_outputs]
+    fidelity_on = list(fidelity_feeds) if fidelity_feeds is not None else [feeds_b32]
+    if len(fidelity_on) != len(reference):
+        raise ValueError(f"{len(fidelity_on)} fidelity batches but {len(reference)} reference outputs")
+    b1_name = "latency_b{}x{}_ms".format(*np.asarray(feeds_b1["input_ids"]).shape)
+    b32_name = "latency_b{}x{}_ms".format(*np.asarray(feeds_b32["input_ids"]).shape)
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    runners: dict[tuple[str, str], Runner] = {}
+    for number, (graph, onnx_path) in enumerate(graphs.items(), 1):
+        path = Path(onnx_path)
+        results[graph] = {}
+        for key in keys:
+            engine, precision = known[key]
+            entry: dict[str, Any] = {"engine": engine, "precision": precision}
+            results[graph][key] = entry
+            started = time.perf_counter()
+            try:
+                run = _runner(key, path, threads)
+                outputs = [run(f) for f in fidelity_on]
+                value = score(outputs) if score is not None else mean_cosine(outputs, reference)
+                entry["fidelity"] = round(float(value), 6)
+                entry["batch_invariance"] = float(batch_invariance(run, list(invariance_feeds or [feeds_b32])))
+                run(feeds_b1)  # warm-up of the timed shapes
+                run(feeds_b32)
+                runners[(graph, key)] = run
+                logger.info("engines: graph %s (%d/%d) on %s: fidelity %.4f, batch invariance %.1e (%.0f s)",
+                            graph, number, len(graphs), key, entry["fidelity"], entry["batch_invariance"],
+                            time.perf_counter() - started)
+            except Exception as exc:  # noqa: BLE001 - each runtime raises its own types for graphs it cannot run
+                entry["error"] = _error_message(exc)
+                logger.warning("engines: %s cannot run graph %s (%s): %s", key, graph, path.name, entry["error"])
+    logger.info("engines: timing %d (graph, engine) pairs interleaved, %d rounds", len(runners), rounds)
+    timings = time_interleaved(
+        {f"{g}/{k}": run for (g, k), run in runners.items()}, feeds_b1, feeds_b32, rounds=rounds
+    )
+    for (graph, key) in runners:
+        entry = results[graph][key]
+        entry[b1_name], entry[b32_name] = timings[f"{graph}/{key}"]
+        entry["threads"] = threads
+        logger.info("engines: graph %s on %s: %s %.2f ms, %s %.2f ms", graph, key,
+                    b1_name, entry[b1_name], b32_name, entry[b32_name])
+    return results
+
+
 def measure_engines(
     onnx_path: str | Path,
     feeds_b1: Feeds,
@@ -140,57 +239,92 @@ def measure_engines(
     rounds: int = 5,
     engines: Sequence[str] | None = None,
     invariance_feeds: Sequence[Feeds] | None = None,
+    fidelity_feeds: Sequence[Feeds] | None = None,
+    score: Scorer | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Latency, fidelity and batch invariance of ``onnx_path`` on every available engine.
+    """:func:`measure_graphs` for one graph: ``{engine key: measurements or error}``."""
+    return measure_graphs(
+        {"graph": onnx_path}, feeds_b1, feeds_b32, reference_outputs, threads, rounds=rounds, engines=engines,
+        invariance_feeds=invariance_feeds, fidelity_feeds=fidelity_feeds, score=score,
+    )["graph"]
 
-    Args:
-        onnx_path: the artifact's graph.
-        feeds_b1: one text (the b1 latency, e.g. ``[1, 32]``).
-        feeds_b32: a batch (the batched latency, e.g. ``[32, 128]``; also the fidelity and
-            batch-invariance texts).
-        reference_outputs: the reference (fp32, unpruned or not) first output on ``feeds_b32``.
-        threads: intra-op threads per engine.
-        rounds: timed rounds, interleaved across engines (medians are reported).
-        engines: keys to measure (default: :func:`available_engines`).
-        invariance_feeds: texts of varied lengths for the batch-invariance probe (default
-            ``feeds_b32``; texts of one length never exercise padding).
 
-    Returns:
-        ``{key: {"engine", "precision", "fidelity", "batch_invariance", "threads",
-        "latency_b1x32_ms", "latency_b32x128_ms"}}`` (latency keys are named after the shapes
-        actually given), or ``{"engine", "precision", "error"}`` for an engine that cannot run
-        the graph (e.g. OpenVINO on dynamic INT8's ``QAttention``).
+def batched_latency_key(entry: Mapping[str, Any]) -> str | None:
+    """The latency key of the largest measured shape (the server runs batches), e.g. ``latency_b32x128_ms``."""
+    keys = sorted((k for k in entry if k.startswith("latency_b") and k.endswith("_ms")), key=_shape_size)
+    return keys[-1] if keys else None
+
+
+@dataclass
+class Choice:
+    """The chosen (graph, engine) pair and, for every pair measured, why it was or was not chosen."""
+
+    graph: str
+    engine: str
+    latency_key: str
+    #: graph -> engine key -> one line: "chosen: ...", "below the quality floor: ...", ...
+    verdicts: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+def choose(
+    measurements: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    quality_floor: float | None,
+    *,
+    batch_invariant: bool = True,
+    invariance_tolerance: float = DEFAULT_INVARIANCE_TOLERANCE,
+    latency_key: str | None = None,
+    subject: str = "(quantization, engine) pair",
+) -> Choice:
+    """The fastest measured (graph, engine) pair that meets ``quality_floor`` and, when
+    ``batch_invariant``, answers the same alone and batched (within ``invariance_tolerance``).
+
+    ``latency_key`` defaults to each entry's batched latency (the server runs batches). Ties
+    go to ONNX Runtime (the engine every build has), then to the earlier graph. ``subject``
+    names what is chosen in the error message.
+
+    Raises:
+        ValidationError: no pair qualifies; the message gives each pair's numbers and verdict.
     """
-    path = Path(onnx_path)
-    known = available_engines()
-    keys = list(engines) if engines is not None else list(known)
-    reference = list(reference_outputs) if not isinstance(reference_outputs, np.ndarray) else [reference_outputs]
-    b1_name = "latency_b{}x{}_ms".format(*np.asarray(feeds_b1["input_ids"]).shape)
-    b32_name = "latency_b{}x{}_ms".format(*np.asarray(feeds_b32["input_ids"]).shape)
-    results: dict[str, dict[str, Any]] = {}
-    runners: dict[str, Runner] = {}
-    for key in keys:
-        if key not in known:
-            logger.info("engine %s is not available on this machine; not measured", key)
-            continue
-        engine, precision = known[key]
-        results[key] = {"engine": engine, "precision": precision}
-        try:
-            run = _runner(key, path, threads)
-            out = run(feeds_b32)
-            results[key]["fidelity"] = round(mean_cosine([out], reference), 6)
-            results[key]["batch_invariance"] = float(batch_invariance(run, list(invariance_feeds or [feeds_b32])))
-            run(feeds_b1)  # warm-up of the b1 shape
-            runners[key] = run
-        except Exception as exc:  # each runtime raises its own types for graphs it cannot run
-            results[key]["error"] = _error_message(exc)
-            logger.warning("engine %s cannot run %s: %s", key, path.name, results[key]["error"])
-    timings = time_interleaved(runners, feeds_b1, feeds_b32, rounds=rounds)
-    for key in runners:
-        results[key][b1_name], results[key][b32_name] = timings[key]
-        results[key]["threads"] = threads
-        logger.info("engine %s: %s", key, results[key])
-    return results
+    verdicts: dict[str, dict[str, str]] = {}
+    qualified: list[tuple[float, int, int, str, str, str]] = []
+    for g_index, (graph, by_engine) in enumerate(measurements.items()):
+        verdicts[graph] = {}
+        for key, entry in by_engine.items():
+            lk = latency_key or batched_latency_key(entry)
+            fid = entry.get("fidelity")
+            inv = entry.get("batch_invariance")
+            if "error" in entry:
+                why = f"cannot run: {entry['error']}"
+            elif lk is None or lk not in entry:
+                why = "not timed"
+            elif quality_floor is not None and not float(fid if fid is not None else -1.0) >= quality_floor:
+                why = f"below the quality floor: {float(fid if fid is not None else float('nan')):.4f} < {quality_floor}"
+            elif batch_invariant and not float(inv if inv is not None else np.inf) <= invariance_tolerance:
+                why = (f"batch-variant: alone vs batched differ by {float(inv if inv is not None else np.nan):.1e} > "
+                       f"{invariance_tolerance:g} (allowed only with --allow-batch-variance)")
+            else:
+                qualified.append((float(entry[lk]), 0 if key == ONNXRUNTIME else 1, g_index, graph, key, lk))
+                continue
+            verdicts[graph][key] = why
+    if not qualified:
+        summary = "; ".join(
+            f"{g}/{k}: {_numbers(measurements[g][k])} -> {why}" for g, by in verdicts.items() for k, why in by.items()
+        ) or "nothing measured"
+        raise ValidationError(
+            f"no {subject} meets quality floor {quality_floor}"
+            + (f" with batch invariance <= {invariance_tolerance:g}" if batch_invariant else "")
+            + f": {summary}. Lower --quality-floor, prune less (--preset light), "
+            "or pass --allow-batch-variance to let dynamic INT8 compete"
+        )
+    qualified.sort()
+    best_ms, _, _, best_graph, best_key, best_lk = qualified[0]
+    shape = best_lk[len("latency_"):-len("_ms")]
+    for ms, _, _, graph, key, lk in qualified:
+        if (graph, key) == (best_graph, best_key):
+            verdicts[graph][key] = f"chosen: fastest that qualifies ({shape} {ms:.2f} ms)"
+        else:
+            verdicts[graph][key] = f"qualifies, but slower: {shape} {ms:.2f} ms vs {best_ms:.2f} ms"
+    return Choice(best_graph, best_key, best_lk, verdicts)
 
 
 def best_engine(
@@ -202,37 +336,19 @@ def best_engine(
     latency_key: str | None = None,
 ) -> str:
     """The fastest measured engine that meets ``quality_floor`` (and stays batch-invariant when
-    the artifact claims ``batch_invariant``).
-
-    ``latency_key`` defaults to the batched latency (the server runs batches); ties go to
-    ONNX Runtime, the engine every build has.
+    the artifact claims ``batch_invariant``): :func:`choose` over one graph.
 
     Raises:
         ValidationError: no engine qualifies; the message lists each engine's numbers.
     """
-    def batched_key(entry: Mapping[str, Any]) -> str | None:
-        keys = sorted((k for k in entry if k.startswith("latency_b") and k.endswith("_ms")), key=_shape_size)
-        return keys[-1] if keys else None
+    return choose({"graph": measurements}, quality_floor, batch_invariant=batch_invariant,
+                  invariance_tolerance=invariance_tolerance, latency_key=latency_key, subject="engine").engine
 
-    candidates: list[tuple[float, int, str]] = []
-    for key, entry in measurements.items():
-        if "error" in entry:
-            continue
-        lk = latency_key or batched_key(entry)
-        if lk is None or lk not in entry:
-            continue
-        if quality_floor is not None and float(entry.get("fidelity", -1.0)) < quality_floor:
-            continue
-        if batch_invariant and float(entry.get("batch_invariance", np.inf)) > invariance_tolerance:
-            continue
-        candidates.append((float(entry[lk]), 0 if key == ONNXRUNTIME else 1, key))
-    if not candidates:
-        summary = "; ".join(f"{k}: {dict(v)}" for k, v in measurements.items()) or "no engine measured"
-        raise ValidationError(
-            f"no engine meets quality floor {quality_floor} with batch invariance <= {invariance_tolerance:g} "
-            f"(batch_invariant={batch_invariant}): {summary}. Lower the floor or choose a less aggressive quantization"
-        )
-    return min(candidates)[2]
+
+def _numbers(entry: Mapping[str, Any]) -> str:
+    """Short ``fidelity=..., batch_invariance=..., latency...`` text of one entry for error messages."""
+    shown = {k: v for k, v in entry.items() if k not in ("engine", "precision", "threads")}
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
 
 
 def _error_message(exc: BaseException) -> str:
@@ -264,14 +380,20 @@ def runtime_recommendation(key: str, measurements: Mapping[str, Mapping[str, Any
 
 
 __all__ = [
+    "DEFAULT_INVARIANCE_TOLERANCE",
     "ONNXRUNTIME",
     "OPENVINO_BF16",
     "OPENVINO_F32",
+    "Choice",
+    "Scorer",
     "available_engines",
+    "batched_latency_key",
     "best_engine",
-    "interleaved_samples",
     "bf16_supported",
+    "choose",
+    "interleaved_samples",
     "measure_engines",
+    "measure_graphs",
     "openvino_runner",
     "runtime_recommendation",
     "time_interleaved",

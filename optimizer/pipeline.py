@@ -3,7 +3,15 @@
 :func:`run_optimize` reads top to bottom as the list of stages::
 
     load -> data -> prune (score -> search -> prune -> recover) -> export -> fuse -> quantize
-         -> validate -> write
+         -> engines -> validate -> write
+
+``quantize`` builds the candidate graphs (with ``--quantize auto`` on a CPU target: dynamic
+INT8, batch-invariant static INT8 and fp32); ``engines`` measures each candidate's held-out
+quality, batch invariance and latency on every engine available here, interleaved, and keeps
+the fastest (quantization, engine) pair that meets the quality floor and, unless
+``allow_batch_variance``, answers the same alone and batched. The manifest records every
+candidate's numbers and verdict (``quantization.selection``), the chosen graph's numbers per
+engine (``engines``) and the engine to serve with (``runtime``, followed by ``serve --engine auto``).
 
 Each stage is a function from another module; this one only sequences them, logs each
 stage's wall time and peak memory, and assembles the manifest. Everything is built in a
@@ -31,19 +39,25 @@ from pruneserve.optimizer.config import PRESETS, PruneConfig, preset
 from pruneserve.optimizer.errors import ConfigError, DataError, ModelLoadError
 from pruneserve.optimizer.export import ExportConfig
 from pruneserve.optimizer.fusion import FusionConfig
-from pruneserve.optimizer.quantize import QuantizeConfig
+from pruneserve.optimizer.quantize import QuantizeConfig, QuantizeResult
 from pruneserve.optimizer.validate import TARGETS, ValidateConfig
 
 if TYPE_CHECKING:
     from pruneserve.artifact import Artifact
+    from pruneserve.optimizer.data import Batch
     from pruneserve.optimizer.pruner import PruneResult
-    from pruneserve.optimizer.quantize import QuantizeResult
     from pruneserve.optimizer.validate import ValidationReport
 
 logger = logging.getLogger(__name__)
 
-#: The quantization each target runs best with, when the config says ``auto``.
-TARGET_QUANTIZATION: dict[str, str] = {"cpu": "dynamic", "cuda": "fp16", "tensorrt": "static"}
+#: The fixed quantization of targets this machine cannot measure, when the config says ``auto``
+#: (CPU targets measure their candidates instead: see :func:`_select`).
+TARGET_QUANTIZATION: dict[str, str] = {"cuda": "fp16", "tensorrt": "static"}
+#: Why those targets are not measured: said in the manifest and the report.
+_UNMEASURED_TARGET = (
+    "target {target}: quantization fixed to {mode} and engine ONNX Runtime with {provider}; nothing on "
+    "this build machine can measure {provider}'s speed or numerics, so no candidates or engines were compared"
+)
 #: Quantization modes that cannot run on a target's execution provider.
 _INCOMPATIBLE = {
     ("tensorrt", "dynamic"): "TensorRT has no kernels for dynamic INT8 (MatMulInteger); use static",
@@ -65,6 +79,9 @@ class OptimizeConfig:
         quality_floor: the least acceptable final quality (mean cosine to the original for
             embedding models, 1 - accuracy drop for classifiers) when the pruning budget sets
             no floor of its own; a budget floor (``--quality-floor``) takes precedence.
+        allow_batch_variance: let ``--quantize auto`` choose a graph (or engine) whose answer for
+            a text moves with its batch-mates (dynamic INT8: ~3e-2); by default the artifact
+            answers the same alone and batched (issue 9).
         with_reference: ship the unpruned fp32 graph as ``reference.onnx``.
         overwrite: replace an existing ``out``.
         prune, export, fusion, quantize, validate: each stage's settings.
@@ -76,6 +93,7 @@ class OptimizeConfig:
     preset: str = "default"
     target: str = "cpu"
     quality_floor: float | None = 0.95
+    allow_batch_variance: bool = False
     with_reference: bool = False
     overwrite: bool = False
     prune: PruneConfig = field(default_factory=lambda: preset("default"))
@@ -97,7 +115,9 @@ class OptimizeConfig:
             isinstance(self.quality_floor, bool) or not 0.0 < float(self.quality_floor) < 1.0
         ):
             raise ConfigError(f"quality_floor={self.quality_floor!r} must be in (0, 1), e.g. 0.95, or null for none")
-        if self.quantize.mode == "auto":
+        if not isinstance(self.allow_batch_variance, bool):
+            raise ConfigError(f"allow_batch_variance={self.allow_batch_variance!r} must be true or false")
+        if self.quantize.mode == "auto" and self.target in TARGET_QUANTIZATION:
             self.quantize = dataclasses.replace(self.quantize, mode=TARGET_QUANTIZATION[self.target])
         why = _INCOMPATIBLE.get((self.target, self.quantize.mode))
         if why:
@@ -251,9 +271,7 @@ def run_optimize(config: OptimizeConfig, progress: bool = True) -> OptimizeResul
     from pruneserve.optimizer.adapters import load_model
     from pruneserve.optimizer.export import export_onnx
     from pruneserve.optimizer.fusion import fuse
-    from pruneserve.optimizer.pruner import prepare_data, run_pruning
-    from pruneserve.optimizer.quality import teacher_outputs
-    from pruneserve.optimizer.quantize import quantize
+    from pruneserve.optimizer.pruner import prepare, run_pruning
 
     _preflight(config)
     started = time.perf_counter()
@@ -266,12 +284,13 @@ def run_optimize(config: OptimizeConfig, progress: bool = True) -> OptimizeResul
             loaded = load_model(config.model)
             teacher = loaded.encoder
 
-        with stages("data"):  # data.py: calibration texts, disjoint scoring/eval splits
-            split, score_batches, eval_batches = prepare_data(loaded, config.prune.data)
-            teacher_eval = teacher_outputs(teacher, eval_batches)
+        with stages("data"):  # data.py + quality.py: disjoint scoring/eval splits, teacher outputs (once)
+            prepared = prepare(loaded, config.prune.data)
+            split, score_batches, eval_batches = prepared.split, prepared.score_batches, prepared.eval_batches
+            teacher_eval = prepared.teacher_eval
 
         with stages("prune"):  # pruner.py: score -> search -> prune -> recover
-            pruned = run_pruning(loaded, config.prune, progress=progress)
+            pruned = run_pruning(loaded, config.prune, progress=progress, prepared=prepared)
             student = pruned.encoder
 
         with stages("export"):  # export.py: fp32 ONNX under the graph contract
@@ -287,24 +306,23 @@ def run_optimize(config: OptimizeConfig, progress: bool = True) -> OptimizeResul
         def evaluate(path: Path) -> float:
             return validate.onnx_quality(path, loaded.task, teacher_eval, eval_batches).score
 
-        with stages("quantize"):  # quantize.py: INT8 / fp16 for the target, held to the floor
-            calibration = _calibration_feeds(score_batches, config.quantize.calibration_size)
-            if config.quantize.mode == "static" and loaded.task == "embedding":
-                quantized = _static_int8(exported.path, work / "model.onnx", calibration, eval_batches,
-                                         teacher_eval, floor if floor is not None else 0.0)
-            else:
-                quantized = quantize(
-                    fused.path, exported.path, work / "model.onnx", config.quantize,
-                    calibration=calibration,
-                    evaluate=evaluate,
-                    quality_floor=floor,
-                )
+        with stages("quantize"):  # quantize.py / static_int8.py: the candidate graphs (auto: several)
+            calibration = _calibration_feeds(score_batches, config.quantize.calibration_size)  # once, for all
+            built = _build_candidates(
+                config, loaded.task, fused.path, exported.path, work, calibration, eval_batches, teacher_eval,
+                floor, evaluate,
+            )
+
+        with stages("engines"):  # engines.py: quality, invariance, latency per (candidate, engine); the choice
+            selection = _select(config, loaded, exported.input_names, built, eval_batches, teacher_eval, floor)
+            quantized = selection.quantized
 
         with stages("validate"):  # validate.py: checker, quality per stage, latency, providers
             report_ = _validate(
                 config, loaded, pruned, teacher_eval, eval_batches, split.source, parity,
                 fused.path, quantized, reference, work,
             )
+            report_.latency.update(selection.latency)
 
         with stages("write"):  # report.py + pruneserve.artifact: atomic, hashed
             manifest = Manifest(
@@ -315,10 +333,11 @@ def run_optimize(config: OptimizeConfig, progress: bool = True) -> OptimizeResul
                 outputs=[{"name": exported.output_names[0], "dims": [_output_dim(student)]}],
                 max_sequence_length=loaded.max_sequence_length,
                 reference_file="reference.onnx" if config.with_reference else None,
-                batch_invariant=quantized.batch_invariant,
+                batch_invariant=selection.batch_invariant,
                 quality_floor=floor,
-                runtime={"engine": "onnxruntime", "providers": report_.providers_requested,
+                runtime={**(selection.runtime or {"engine": "onnxruntime", "providers": report_.providers_requested}),
                          "providers_used_at_build": report_.providers_used},
+                engines=selection.engines,
                 quantization=quantized.to_manifest(),
                 pruning=_pruning_block(pruned),
                 fusion={"counts": fused.counts, "expected": fused.expected, "max_abs_diff": fused.max_abs_diff},
@@ -390,6 +409,230 @@ def _static_int8(
         calibration_size=len(calibration), quality=s8.fidelity, attempts=list(s8.tried),
         settings={"method": s8.method, "batch_invariance": s8.batch_invariance, **s8.settings},
     )
+
+
+def _build_candidates(
+    config: OptimizeConfig,
+    task: str,
+    fused: Path,
+    unfused: Path,
+    work: Path,
+    calibration: list[dict[str, Any]],
+    eval_batches: list[Batch],
+    teacher_eval: list[Any],
+    floor: float | None,
+    evaluate: Any,
+) -> dict[str, QuantizeResult | str]:
+    """Build the quantized graph of each mode to compare: mode -> result, or the reason it failed.
+
+    ``--quantize auto`` on a CPU target builds ``quantize.candidates`` and never fails here: a
+    candidate that cannot be built (or, for static INT8, cannot reach the floor) is recorded and
+    the others compete. An explicit mode builds that one graph and its errors propagate as before.
+    """
+    from pruneserve.optimizer.quantize import quantize
+
+    auto = config.quantize.mode == "auto"
+    modes = list(config.quantize.candidates) if auto else [config.quantize.mode]
+    built: dict[str, QuantizeResult | str] = {}
+    for number, mode in enumerate(modes, 1):
+        out = work / (f"candidate-{mode}.onnx" if auto else "model.onnx")
+        started = time.perf_counter()
+        logger.info("quantize: candidate %s (%d/%d): building", mode, number, len(modes))
+        try:
+            if mode == "static" and task == "embedding":
+                result = _static_int8(unfused, out, calibration, eval_batches, teacher_eval,
+                                      floor if floor is not None else 0.0)
+            elif auto and mode in ("dynamic", "none"):
+                # Measured afterwards on every engine (held-out quality included), so no
+                # evaluation here; a dynamic graph under the floor simply loses the comparison
+                # instead of paying for the per-node sensitivity search.
+                settings = dataclasses.replace(config.quantize, mode=mode, sensitivity_fallback=False)
+                result = quantize(fused, unfused, out, settings)
+            else:
+                result = quantize(fused, unfused, out, dataclasses.replace(config.quantize, mode=mode),
+                                  calibration=calibration, evaluate=evaluate, quality_floor=floor)
+        except Exception as exc:  # OptimizerError, and the quantizers' many types on odd graphs
+            if not auto:
+                raise
+            built[mode] = f"{type(exc).__name__}: {str(exc)[:400]}"
+            logger.warning("quantize: candidate %s could not be built: %s", mode, built[mode])
+            continue
+        result.settings["build_seconds"] = round(time.perf_counter() - started, 1)
+        built[mode] = result
+        logger.info("quantize: candidate %s (%d/%d): built in %.0f s", mode, number, len(modes),
+                    result.settings["build_seconds"])
+    if not any(isinstance(r, QuantizeResult) for r in built.values()):
+        from pruneserve.optimizer.errors import QuantizationError
+
+        raise QuantizationError(
+            "no quantization candidate could be built: "
+            + "; ".join(f"{m}: {why}" for m, why in built.items())
+            + ". Pass --quantize none, or report the model folder"
+        )
+    return built
+
+
+@dataclass
+class Selection:
+    """What the engines stage chose and what goes into the manifest."""
+
+    quantized: QuantizeResult
+    batch_invariant: bool
+    #: ``manifest.engines``: per engine key, the chosen graph's measurements (or error).
+    engines: dict[str, Any]
+    #: ``manifest.runtime`` without the build's providers (empty: the pipeline's default).
+    runtime: dict[str, Any]
+    #: extra rows for the latency block (the chosen engine, when it is not ONNX Runtime).
+    latency: dict[str, Any]
+
+
+def _select(
+    config: OptimizeConfig,
+    loaded: Any,
+    input_names: list[str],
+    built: dict[str, QuantizeResult | str],
+    eval_batches: list[Batch],
+    teacher_eval: list[Any],
+    floor: float | None,
+) -> Selection:
+    """Measure every built candidate on every engine available here and keep the fastest pair that
+    keeps the artifact's promises (quality floor; batch invariance unless allowed).
+
+    GPU targets are not measured (nothing here runs TensorRT or CUDA): their one graph is kept
+    and the manifest says why; its batch invariance is still measured on ONNX Runtime's CPU
+    provider where the graph runs there, and is false where it could not be measured.
+    """
+    from pruneserve.optimizer import engines, validate
+    from pruneserve.optimizer.errors import ValidationError
+
+    auto = config.quantize.mode == "auto"
+    eval_feeds = [{k: v.numpy() for k, v in b.inputs.items()} for b in eval_batches]
+    tolerance = engines.DEFAULT_INVARIANCE_TOLERANCE
+    ok = {m: r for m, r in built.items() if isinstance(r, QuantizeResult)}
+    if config.target != "cpu":
+        (mode, result), = ok.items()
+        invariance = _ort_invariance(result, eval_feeds)
+        provider = validate.TARGET_PROVIDERS[config.target][0]
+        why = _UNMEASURED_TARGET.format(target=config.target, mode=mode, provider=provider)
+        logger.info("engines: %s", why)
+        result.selection = {
+            "by": why, "measured": False, "quality_floor": floor,
+            "batch_invariance_onnxruntime_cpu": invariance, "invariance_tolerance": tolerance,
+        }
+        return Selection(result, invariance is not None and invariance <= tolerance, {}, {}, {})
+
+    threads = config.validate.threads or os.cpu_count() or 1
+    shapes = validate.latency_shapes(config.validate, loaded.max_sequence_length)
+    (b1, s1), (bn, sn) = min(shapes, key=lambda s: s[0] * s[1]), max(shapes, key=lambda s: s[0] * s[1])
+    vocab = loaded.encoder.spec.vocab_size
+    feeds_b1 = validate.synthetic_inputs(input_names, b1, s1, vocab)
+    feeds_bn = validate.synthetic_inputs(input_names, bn, sn, vocab)
+
+    def score(outputs: list[Any]) -> float:
+        return validate.compare_outputs(loaded.task, outputs, teacher_eval, eval_batches).score
+
+    logger.info("engines: measuring %d candidate(s) %s on %s (%d threads, %d rounds)", len(ok), list(ok),
+                list(engines.available_engines()), threads, config.validate.engine_rounds)
+    measured = engines.measure_graphs(
+        {mode: r.path for mode, r in ok.items()}, feeds_b1, feeds_bn, [t.numpy() for t in teacher_eval], threads,
+        rounds=config.validate.engine_rounds, engines=config.validate.engines,
+        invariance_feeds=eval_feeds, fidelity_feeds=eval_feeds, score=score,
+    )
+    if auto:
+        require_invariance = not config.allow_batch_variance
+        by = ("auto: the fastest measured (quantization, engine) pair that meets the quality floor"
+              + (" and is batch-invariant" if require_invariance else " (batch variance allowed)"))
+    else:
+        # A forced mode keeps its own promise: engines may not add batch variance to an invariant graph.
+        require_invariance = ok[config.quantize.mode].batch_invariant
+        by = f"forced by --quantize {config.quantize.mode}; engine: the fastest measured that meets the floor"
+    failure = None
+    try:
+        choice = engines.choose(measured, floor, batch_invariant=require_invariance, invariance_tolerance=tolerance)
+    except ValidationError as exc:
+        if auto:
+            raise
+        # The forced graph qualifies on no engine: keep ONNX Runtime, which runs every graph;
+        # validation then stops the run naming the floor and the fix if quality is the reason.
+        failure = str(exc)
+        mode = config.quantize.mode
+        choice = engines.Choice(mode, engines.ONNXRUNTIME, "", {mode: {
+            k: "no engine qualifies (see selection.error); ONNX Runtime kept" for k in measured[mode]}})
+    chosen = ok[choice.graph]
+    entry = measured[choice.graph].get(choice.engine, {})
+    invariance = entry.get("batch_invariance")
+    batch_invariant = invariance is not None and float(invariance) <= tolerance
+    ort_quality = measured[choice.graph].get(engines.ONNXRUNTIME, {}).get("fidelity")
+    if chosen.quality is None and ort_quality is not None:
+        chosen.quality = ort_quality
+    candidates: dict[str, Any] = {}
+    for mode, result in built.items():
+        if isinstance(result, str):
+            candidates[mode] = {"chosen": False, "error": result, "why": f"could not be built: {result}"}
+            continue
+        verdicts = choice.verdicts.get(mode, {})
+        candidates[mode] = {
+            "chosen": mode == choice.graph,
+            "batch_invariant_by_design": result.batch_invariant,
+            "build_seconds": result.settings.get("build_seconds"),
+            "quality_held_out": measured[mode].get(engines.ONNXRUNTIME, {}).get("fidelity"),
+            "details": _candidate_details(result),
+            "engines": measured[mode],
+            "verdicts": verdicts,
+            "why": (verdicts.get(choice.engine, "") if mode == choice.graph
+                    else "; ".join(f"{k}: {v}" for k, v in verdicts.items())),
+        }
+    chosen.selection = {
+        "by": by,
+        "measured": True,
+        "quality_floor": floor,
+        "batch_invariance_required": require_invariance,
+        "invariance_tolerance": tolerance,
+        "latency_key": choice.latency_key,
+        "threads": threads,
+        "rounds": config.validate.engine_rounds,
+        "chosen": {"quantization": choice.graph, "engine": choice.engine},
+        "candidates": candidates,
+    }
+    if failure is not None:
+        chosen.selection["error"] = failure
+    logger.info("engines: chose %s on %s (%s); batch-invariant: %s", choice.graph, choice.engine,
+                candidates[choice.graph]["why"], batch_invariant)
+    recommended = (engines.runtime_recommendation(choice.engine, measured[choice.graph])
+                   if "engine" in entry else {"engine": "onnxruntime", "providers": ["CPUExecutionProvider"]})
+    runtime = {**recommended, "chosen_by": f"{by}; measured on this build machine ({choice.latency_key})"}
+    latency: dict[str, Any] = {}
+    if choice.engine != engines.ONNXRUNTIME and "error" not in entry:
+        medians = {k[len("latency_"):-len("_ms")]: v for k, v in entry.items()
+                   if k.startswith("latency_b") and k.endswith("_ms")}
+        latency[f"artifact on {choice.engine}"] = validate.Latency(
+            str(entry["engine"]), str(entry["precision"]), medians, config.validate.engine_rounds)
+    return Selection(chosen, batch_invariant, measured[choice.graph], runtime, latency)
+
+
+def _candidate_details(result: QuantizeResult) -> dict[str, Any]:
+    """The few settings that tell candidates apart (method, source graph, kept-float nodes)."""
+    details: dict[str, Any] = {"source_graph": result.source_graph, "per_channel": result.per_channel}
+    for key in ("method", "weight_type", "activation_type", "format", "batch_invariance"):
+        if key in result.settings:
+            details[key] = result.settings[key]
+    if result.excluded_nodes:
+        details["excluded_nodes"] = list(result.excluded_nodes)
+    return details
+
+
+def _ort_invariance(result: QuantizeResult, eval_feeds: list[dict[str, Any]]) -> float | None:
+    """Batch invariance of a graph on ONNX Runtime's CPU provider; None where it does not run there."""
+    from pruneserve.optimizer.static_int8 import batch_invariance, ort_runner
+
+    if isinstance(result.settings.get("batch_invariance"), float):
+        return float(result.settings["batch_invariance"])  # static_int8 measured it already
+    try:
+        return float(batch_invariance(ort_runner(result.path), eval_feeds))
+    except Exception as exc:  # noqa: BLE001 - e.g. fp16 kernels missing on this CPU
+        logger.warning("engines: batch invariance of %s not measured on the CPU (%s: %s); the artifact does "
+                       "not claim it", result.path.name, type(exc).__name__, str(exc)[:200])
+        return None
 
 
 def _output_dim(encoder: Any) -> int:

@@ -44,8 +44,12 @@ from pruneserve.optimizer.errors import ConfigError, QuantizationError
 
 logger = logging.getLogger(__name__)
 
-#: ``auto`` is resolved from the deployment target by the pipeline before quantizing.
+#: ``auto``: on a CPU target the pipeline builds :data:`AUTO_CANDIDATES` and keeps the fastest
+#: one (on the fastest engine) that meets the quality floor and batch invariance; on GPU
+#: targets it is resolved from the target before quantizing.
 QUANT_MODES: tuple[str, ...] = ("auto", "dynamic", "static", "fp16", "none")
+#: What ``auto`` compares on CPU targets, by default.
+AUTO_CANDIDATES: tuple[str, ...] = ("dynamic", "static", "none")
 CALIBRATION_METHODS: tuple[str, ...] = ("minmax", "percentile", "entropy")
 
 #: Ops the fp16 converter leaves in fp32: normalisations and Softmax lose too much
@@ -83,7 +87,9 @@ class QuantizeConfig:
 
     Attributes:
         mode: ``dynamic`` (CPU INT8), ``static`` (calibrated S8S8 QDQ, for TensorRT),
-            ``fp16`` (CUDA), ``none``, or ``auto`` (chosen from the target by the pipeline).
+            ``fp16`` (CUDA), ``none``, or ``auto`` (CPU: measured, see ``candidates``; GPU
+            targets: fixed by the target).
+        candidates: the modes ``auto`` builds and measures on a CPU target.
         per_channel: one weight scale per output channel instead of per tensor.
         calibration_size: texts used to calibrate activation ranges (``static`` only).
         calibration_method: how ranges are taken from the calibration activations.
@@ -94,6 +100,7 @@ class QuantizeConfig:
     """
 
     mode: str = "dynamic"
+    candidates: list[str] = field(default_factory=lambda: list(AUTO_CANDIDATES))
     per_channel: bool = True
     calibration_size: int = 256
     calibration_method: str = "minmax"
@@ -104,6 +111,13 @@ class QuantizeConfig:
     def __post_init__(self) -> None:
         if self.mode not in QUANT_MODES:
             raise ConfigError(f"quantize mode {self.mode!r} is not one of {QUANT_MODES}")
+        self.candidates = list(self.candidates)
+        bad = [c for c in self.candidates if c not in AUTO_CANDIDATES]
+        if bad or not self.candidates or len(set(self.candidates)) != len(self.candidates):
+            raise ConfigError(
+                f"quantize.candidates {self.candidates!r} must be distinct modes among {list(AUTO_CANDIDATES)}, "
+                "e.g. [dynamic, static, none]"
+            )
         if self.calibration_method not in CALIBRATION_METHODS:
             raise ConfigError(
                 f"calibration_method {self.calibration_method!r} is not one of {CALIBRATION_METHODS}"
@@ -119,8 +133,9 @@ class QuantizeConfig:
 
     @property
     def batch_invariant(self) -> bool:
-        """Whether an answer is independent of its batch-mates under this mode."""
-        return self.mode != "dynamic"
+        """Whether an answer is independent of its batch-mates under this mode (``auto``: not
+        known until measured, so False)."""
+        return self.mode not in ("dynamic", "auto")
 
 
 @dataclass
@@ -140,6 +155,8 @@ class QuantizeResult:
     #: every setting tried, in order, with its measured quality.
     attempts: list[dict[str, Any]] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    #: how this mode was chosen: every candidate considered, its numbers and the verdict (pipeline).
+    selection: dict[str, Any] = field(default_factory=dict)
 
     def to_manifest(self) -> dict[str, Any]:
         """The ``quantization`` block of the manifest (JSON-serialisable)."""

@@ -91,6 +91,58 @@ def _latency_rows(validation: ValidationReport, speedups: Mapping[str, Mapping[s
     return rows
 
 
+def _ms(entry: Mapping[str, Any], key: str | None) -> str:
+    value = entry.get(key) if key else None
+    return f"{value:.2f}" if isinstance(value, (int, float)) else "–"
+
+
+def _selection_lines(manifest: Manifest) -> list[str]:
+    """The quantization/engine choice: every candidate on every engine, its numbers and verdict."""
+    selection: Mapping[str, Any] = manifest.quantization.get("selection") or {}
+    if not selection:
+        return []
+    lines = ["## Quantization and engine choice", "", f"How: {selection.get('by')}."]
+    if not selection.get("measured"):
+        invariance = selection.get("batch_invariance_onnxruntime_cpu")
+        lines += ["", "Batch invariance on ONNX Runtime's CPU provider: "
+                  + (f"{invariance:.1e}" if isinstance(invariance, (int, float)) else "not measured") + ".", ""]
+        return lines
+    chosen = selection.get("chosen", {})
+    lines += [
+        "",
+        f"Quality floor {selection.get('quality_floor')}; batch invariance required: "
+        f"{'yes' if selection.get('batch_invariance_required') else 'no'} (max abs difference alone vs batched "
+        f"<= {selection.get('invariance_tolerance'):g}); fastest by `{selection.get('latency_key')}`; "
+        f"{selection.get('threads')} threads, {selection.get('rounds')} rounds interleaved over every pair, "
+        "quality on the held-out split. "
+        f"**Chosen: {chosen.get('quantization')} on {chosen.get('engine')}** "
+        f"(`pruneserve serve --engine auto` follows `manifest.runtime`: {manifest.runtime.get('engine')}).",
+        "",
+    ]
+    shapes: list[str] = []
+    for cand in selection.get("candidates", {}).values():
+        for entry in cand.get("engines", {}).values():
+            shapes += [k for k in entry if k.startswith("latency_b") and k.endswith("_ms") and k not in shapes]
+    header = "| candidate | engine | quality | batch invariance | " + " | ".join(
+        s[len("latency_"):-len("_ms")] + " ms" for s in shapes) + " | verdict |"
+    lines += [header, "|" + "---|" * (5 + len(shapes))]
+    for mode, cand in selection.get("candidates", {}).items():
+        if "error" in cand:
+            lines.append(f"| {mode} | – | – | – | " + " | ".join("–" for _ in shapes) + f" | {cand['why']} |")
+            continue
+        for key, entry in cand.get("engines", {}).items():
+            verdict = cand.get("verdicts", {}).get(key, entry.get("error", ""))
+            if "error" in entry:
+                verdict = f"cannot run: {entry['error'][:160]}"
+            fid, inv = entry.get("fidelity"), entry.get("batch_invariance")
+            lines.append(
+                f"| {mode} | {key} | {_fmt(fid)} | {'–' if inv is None else f'{inv:.1e}'} | "
+                + " | ".join(_ms(entry, s) for s in shapes) + f" | {verdict} |"
+            )
+    lines.append("")
+    return lines
+
+
 def render_markdown(
     manifest: Manifest,
     pruned: PruneResult,
@@ -156,6 +208,7 @@ def render_markdown(
         "",
         *_latency_rows(validation, speedups),
         "",
+        *_selection_lines(manifest),
         "## Sizes",
         "",
         "| file | bytes |",

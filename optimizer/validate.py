@@ -50,6 +50,8 @@ TARGET_PROVIDERS: dict[str, tuple[str, ...]] = {
     "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
 }
 TARGETS: tuple[str, ...] = tuple(TARGET_PROVIDERS)
+#: Engine keys the optimizer can measure (``engines.py``; those not installed are skipped).
+ENGINE_KEYS: tuple[str, ...] = ("onnxruntime", "openvino-f32", "openvino-bf16")
 
 
 @dataclass
@@ -65,6 +67,10 @@ class ValidateConfig:
         threads: intra-op threads for the timed sessions (0 = ONNX Runtime's default, all cores).
         baselines: also time the original model in PyTorch and the unpruned graph through
             the same fusion and quantization, so the report can state the speed-up.
+        engine_rounds: interleaved timing rounds when every engine (and, for ``--quantize
+            auto``, every quantization candidate) is measured (``engines.measure_graphs``).
+        engines: the engine keys to measure and choose among (default ``None``: every one
+            installed here), e.g. ``[openvino-f32]`` for a fleet that serves with OpenVINO only.
     """
 
     parity_atol: float = 1e-4
@@ -73,6 +79,8 @@ class ValidateConfig:
     repeats: int = 10
     threads: int = 0
     baselines: bool = True
+    engine_rounds: int = 5
+    engines: list[str] | None = None
 
     def __post_init__(self) -> None:
         if not self.parity_atol > 0:
@@ -83,7 +91,15 @@ class ValidateConfig:
                 raise ConfigError(
                     f"validate.latency_shapes entry {shape!r} must be [batch, sequence] positive integers, e.g. [1, 32]"
                 )
-        for name, low in (("warmup", 0), ("repeats", 1), ("threads", 0)):
+        if self.engines is not None:
+            self.engines = list(self.engines)
+            bad = [e for e in self.engines if e not in ENGINE_KEYS]
+            if bad or not self.engines:
+                raise ConfigError(
+                    f"validate.engines {self.engines!r} must be a non-empty list of {list(ENGINE_KEYS)}, "
+                    "or null for every engine installed"
+                )
+        for name, low in (("warmup", 0), ("repeats", 1), ("threads", 0), ("engine_rounds", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"validate.{name}={value!r} must be an integer >= {low}")
@@ -229,7 +245,8 @@ def require_floor(quality: Quality, floor: float | None, stage: str, data_source
 # -- latency -------------------------------------------------------------------------------
 
 
-def _synthetic_inputs(names: Sequence[str], batch: int, sequence: int, vocab: int) -> dict[str, np.ndarray]:
+def synthetic_inputs(names: Sequence[str], batch: int, sequence: int, vocab: int) -> dict[str, np.ndarray]:
+    """Random token ids (seed 0), full attention: the feeds every latency figure is timed on."""
     rng = np.random.default_rng(0)
     feeds = {
         "input_ids": rng.integers(5, max(vocab, 6), size=(batch, sequence), dtype=np.int64),
@@ -273,7 +290,7 @@ def onnx_latency(
     names = [i.name for i in session.get_inputs()]
     medians = {}
     for batch, seq in latency_shapes(config, max_sequence_length):
-        feeds = _synthetic_inputs(names, batch, seq, vocab_size)
+        feeds = synthetic_inputs(names, batch, seq, vocab_size)
         medians[shape_key(batch, seq)] = _median_ms(lambda: session.run(None, feeds), config.warmup, config.repeats)
     return Latency(runtime, session.get_providers()[0], medians, config.repeats)
 
@@ -290,7 +307,7 @@ def torch_latency(
     with torch.inference_mode():
         for batch, seq in latency_shapes(config, max_sequence_length):
             feeds = {k: torch.from_numpy(v) for k, v in
-                     _synthetic_inputs(names, batch, seq, encoder.spec.vocab_size).items()}
+                     synthetic_inputs(names, batch, seq, encoder.spec.vocab_size).items()}
             medians[shape_key(batch, seq)] = _median_ms(lambda: encoder(**feeds), config.warmup, config.repeats)
     return Latency(runtime, "torch-cpu", medians, config.repeats)
 

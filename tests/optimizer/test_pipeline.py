@@ -30,7 +30,7 @@ def tiny_config(model: Path, out: Path, **overrides: object) -> OptimizeConfig:
         "quality_floor": None,
         "prune": {"data": {"max_examples": 48, "batch_size": 16},
                   "recovery": {"least_squares": True, "refit_ffn": False, "distill_steps": 0}},
-        "validate": {"latency_shapes": [[1, 8], [2, 16]], "warmup": 0, "repeats": 1},
+        "validate": {"latency_shapes": [[1, 8], [2, 16]], "warmup": 0, "repeats": 1, "engine_rounds": 2},
     }
     raw.update(overrides)
     return OptimizeConfig.from_dict(raw)
@@ -39,7 +39,9 @@ def tiny_config(model: Path, out: Path, **overrides: object) -> OptimizeConfig:
 @pytest.fixture(scope="module")
 def result(tiny_model_dir: TinyModelFactory, tmp_path_factory: pytest.TempPathFactory) -> OptimizeResult:
     out = tmp_path_factory.mktemp("pipeline") / "artifact"
-    return run_optimize(tiny_config(tiny_model_dir("bert", "embedding"), out, with_reference=True), progress=False)
+    # An explicit mode: forced, whatever the measurements say (auto is tested in test_auto_quantize.py).
+    config = tiny_config(tiny_model_dir("bert", "embedding"), out, with_reference=True, quantize={"mode": "dynamic"})
+    return run_optimize(config, progress=False)
 
 
 def test_artifact_is_complete_and_verified(result: OptimizeResult) -> None:
@@ -77,10 +79,20 @@ def test_manifest_records_how_the_model_was_made(result: OptimizeResult, tiny_mo
     assert {"artifact", "original (PyTorch fp32)", "original fused INT8"} <= set(latency)
     assert set(latency["artifact"]["median_ms"]) == {"b1x8", "b2x16"}
     assert m.runtime["providers_used_at_build"] == ["CPUExecutionProvider"]
+    # The forced mode was measured on every engine installed; the engine was chosen among them.
+    selection = m.quantization["selection"]
+    assert selection["by"].startswith("forced by --quantize dynamic") and list(selection["candidates"]) == ["dynamic"]
+    assert selection["batch_invariance_required"] is False  # dynamic INT8 never promised it
+    assert m.engines == selection["candidates"]["dynamic"]["engines"] and "onnxruntime" in m.engines
+    assert m.engines["onnxruntime"]["batch_invariance"] > 1e-4  # dynamic INT8: answers move with batch-mates
+    chosen = selection["chosen"]["engine"]
+    assert m.runtime["engine"] == m.engines[chosen]["engine"] and "error" not in m.engines[chosen]
+    if "openvino-f32" in m.engines:  # OpenVINO cannot read ONNX Runtime's quantized contrib ops: recorded, no crash
+        assert "QAttention" in m.engines["openvino-f32"]["error"] and chosen == "onnxruntime"
     assert m.source["sha256"] == load_model(tiny_model_dir("bert", "embedding")).source_sha256
     assert {"torch", "onnx", "onnxruntime"} <= set(m.tool_versions)
     assert [s["name"] for s in m.pruning["stages"]] == ["load", "data", "prune", "export", "fuse", "quantize",
-                                                        "validate"]
+                                                        "engines", "validate"]
 
 
 def test_saved_config_round_trips(result: OptimizeResult) -> None:
@@ -89,7 +101,7 @@ def test_saved_config_round_trips(result: OptimizeResult) -> None:
     assert again.to_dict() == m.config
     from_yaml = OptimizeConfig.from_dict(yaml.safe_load((result.artifact.path / "optimize.yaml").read_text()))
     assert from_yaml.to_dict() == m.config
-    assert m.config["quantize"]["mode"] == "dynamic"  # auto resolved from the target, then saved
+    assert m.config["quantize"]["mode"] == "dynamic"  # the forced mode is saved as given
     pruning = json.loads((result.artifact.path / "pruning.json").read_text())
     assert pruning["heads_per_layer"] == m.pruning["kept_heads_per_layer"]
 
@@ -162,6 +174,10 @@ def test_existing_out_fails_before_any_work(tiny_model_dir: TinyModelFactory, tm
         ({"colour": "blue"}, "colour"),
         ({"quantize": {"bits": 4}}, "bits"),
         ({"validate": [1, 2]}, "validate"),
+        ({"validate": {"engines": ["tensorrt"]}}, "validate.engines"),
+        ({"validate": {"engine_rounds": 0}}, "engine_rounds"),
+        ({"quantize": {"candidates": ["fp16"]}}, "candidates"),
+        ({"allow_batch_variance": "yes"}, "allow_batch_variance"),
         ({"prune": {"budget": {"head_fraction": 2.0}}}, "head_fraction"),
         ({"out": ""}, "out"),
     ],
@@ -171,17 +187,19 @@ def test_config_errors_name_the_value(raw: dict[str, object], fragment: str) -> 
         OptimizeConfig.from_dict({"out": "x", **raw})
 
 
-@pytest.mark.parametrize(("target", "mode"), [("cpu", "dynamic"), ("cuda", "fp16"), ("tensorrt", "static")])
-def test_auto_quantization_follows_the_target(target: str, mode: str) -> None:
+@pytest.mark.parametrize(("target", "mode"), [("cpu", "auto"), ("cuda", "fp16"), ("tensorrt", "static")])
+def test_auto_quantization_on_gpu_targets_follows_the_target(target: str, mode: str) -> None:
+    # cpu stays "auto": the candidates are measured at run time; GPU targets cannot be measured here.
     config = OptimizeConfig.from_dict({"out": "x", "target": target})
     assert config.quantize.mode == mode
-    assert config.quantize.batch_invariant is (mode != "dynamic")
+    assert config.quantize.batch_invariant is (mode not in ("dynamic", "auto"))
 
 
 def test_defaults_are_what_a_user_wants_on_the_default_model() -> None:
     config = OptimizeConfig(out="x")
     assert config.model is None and config.target == "cpu" and config.preset == "default"
-    assert config.quantize.mode == "dynamic" and config.quantize.per_channel
+    assert config.quantize.mode == "auto" and config.quantize.per_channel
+    assert config.quantize.candidates == ["dynamic", "static", "none"] and config.allow_batch_variance is False
     assert config.prune.budget.head_fraction == 0.5 and config.effective_floor == 0.95
     assert [list(s) for s in config.validate.latency_shapes] == [[1, 32], [32, 128]]
     assert OptimizeConfig.from_dict(yaml.safe_load(config.to_yaml())).to_dict() == config.to_dict()
@@ -204,6 +222,10 @@ def test_tensorrt_target_gives_a_calibrated_batch_invariant_artifact(tiny_model_
     assert m.quantization["settings"]["batch_invariance"] <= 1e-5
     assert m.batch_invariant is True
     assert m.runtime["providers"][0] == "TensorrtExecutionProvider"
+    # Nothing here can measure TensorRT: no engines compared, and the manifest says so.
+    assert m.engines == {} and m.quantization["selection"]["measured"] is False
+    assert "TensorrtExecutionProvider" in m.quantization["selection"]["by"]
+    assert m.quantization["selection"]["batch_invariance_onnxruntime_cpu"] <= 1e-4
     if "TensorrtExecutionProvider" not in ort.get_available_providers():
         # Measured on the CPU provider instead, and the artifact says so.
         assert m.runtime["providers_used_at_build"] == ["CPUExecutionProvider"]

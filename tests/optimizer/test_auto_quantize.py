@@ -1,0 +1,192 @@
+"""``--quantize auto`` on a CPU target, end to end on a tiny model: every candidate (dynamic INT8,
+static INT8, fp32) is measured on every engine installed, the fastest pair that keeps the
+artifact's promises (quality floor; batch invariance unless allowed) is chosen, the choice is
+checked against the numbers the manifest records (never a hard-coded winner), and
+``serve --engine auto`` follows the recorded engine."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pruneserve.artifact import Manifest, load_artifact
+from pruneserve.optimizer.engines import available_engines, batched_latency_key
+from pruneserve.optimizer.pipeline import OptimizeConfig, OptimizeResult, run_optimize
+
+TinyModelFactory = Callable[..., Path]
+TOLERANCE = 1e-4
+INT8 = ("dynamic", "static")
+
+
+def auto_config(model: Path, out: Path, **overrides: Any) -> OptimizeConfig:
+    """A quick auto run: little data, attention refit only, tiny shapes, 2 timing rounds, no baselines."""
+    raw: dict[str, Any] = {
+        "out": str(out),
+        "model": str(model),
+        "quality_floor": None,
+        "prune": {"data": {"max_examples": 48, "batch_size": 16},
+                  "recovery": {"least_squares": True, "refit_ffn": False, "distill_steps": 0}},
+        "validate": {"latency_shapes": [[1, 8], [4, 16]], "warmup": 0, "repeats": 1, "engine_rounds": 2,
+                     "baselines": False},
+    }
+    raw.update(overrides)
+    return OptimizeConfig.from_dict(raw)
+
+
+def _pairs(m: Manifest) -> list[tuple[str, str, dict[str, Any]]]:
+    """(candidate, engine key, measurements) for every pair the manifest records."""
+    return [(mode, key, entry) for mode, cand in m.quantization["selection"]["candidates"].items()
+            for key, entry in cand.get("engines", {}).items()]
+
+
+def _expected_choice(m: Manifest, floor: float | None, require_invariance: bool) -> tuple[str, str]:
+    """The fastest qualifying pair by the recorded numbers (ties: ONNX Runtime, then candidate order)."""
+    order = list(m.quantization["selection"]["candidates"])
+    qualified = []
+    for mode, key, entry in _pairs(m):
+        if "error" in entry:
+            continue
+        if floor is not None and entry["fidelity"] < floor:
+            continue
+        if require_invariance and entry["batch_invariance"] > TOLERANCE:
+            continue
+        qualified.append((entry[batched_latency_key(entry)], key != "onnxruntime", order.index(mode), mode, key))
+    assert qualified, _pairs(m)
+    return min(qualified)[3:]
+
+
+def _check_records(result: OptimizeResult) -> tuple[str, str]:
+    """The fields every measured run records, consistent with each other; returns the chosen pair."""
+    m = result.artifact.manifest
+    selection = m.quantization["selection"]
+    chosen = selection["chosen"]["quantization"], selection["chosen"]["engine"]
+    assert set(selection["candidates"]) == {"dynamic", "static", "none"}
+    for mode, cand in selection["candidates"].items():
+        assert cand["chosen"] is (mode == chosen[0]) and cand["why"]
+        if "error" in cand:
+            continue
+        assert set(cand["engines"]) == set(available_engines())
+        for key, entry in cand["engines"].items():
+            assert cand["verdicts"][key]
+            if "error" not in entry:
+                assert 0 < entry["fidelity"] <= 1.0 + 1e-6 and entry["batch_invariance"] >= 0
+                assert entry["latency_b1x8_ms"] > 0 and entry["latency_b4x16_ms"] > 0 and entry["threads"] >= 1
+    verdicts = [v for cand in selection["candidates"].values() for v in cand.get("verdicts", {}).values()]
+    assert sum(v.startswith("chosen:") for v in verdicts) == 1
+    # The chosen graph is what ships, and the manifest's other fields follow from its measurements.
+    assert m.quantization["mode"] == chosen[0]
+    assert m.engines == selection["candidates"][chosen[0]]["engines"]
+    entry = m.engines[chosen[1]]
+    assert m.runtime["engine"] == entry["engine"]
+    if entry["engine"] == "openvino":
+        assert m.runtime["precision"] == entry["precision"]
+    assert m.batch_invariant is (entry["batch_invariance"] <= TOLERANCE)
+    assert m.quality["final"]["score"] == pytest.approx(selection["candidates"][chosen[0]]["quality_held_out"],
+                                                        abs=1e-5)
+    assert m.config["quantize"]["mode"] == "auto"  # re-running the saved config measures again
+    report = (result.artifact.path / "report.md").read_text()
+    assert "## Quantization and engine choice" in report
+    assert f"**Chosen: {chosen[0]} on {chosen[1]}**" in report
+    # OpenVINO cannot read ONNX Runtime's quantized contrib ops: a recorded error, not a crash.
+    if "openvino-f32" in available_engines() and "error" not in selection["candidates"]["dynamic"]:
+        assert "QAttention" in selection["candidates"]["dynamic"]["engines"]["openvino-f32"]["error"]
+    return chosen
+
+
+@pytest.fixture(scope="module")
+def default_run(tiny_model_dir: TinyModelFactory, tmp_path_factory: pytest.TempPathFactory) -> OptimizeResult:
+    out = tmp_path_factory.mktemp("auto") / "default"
+    return run_optimize(auto_config(tiny_model_dir("bert", "embedding"), out), progress=False)
+
+
+@pytest.fixture(scope="module")
+def variance_run(tiny_model_dir: TinyModelFactory, tmp_path_factory: pytest.TempPathFactory) -> OptimizeResult:
+    out = tmp_path_factory.mktemp("auto") / "variance"
+    config = auto_config(tiny_model_dir("bert", "embedding"), out, allow_batch_variance=True)
+    return run_optimize(config, progress=False)
+
+
+def test_default_auto_keeps_answers_batch_invariant(default_run: OptimizeResult) -> None:
+    m = default_run.artifact.manifest
+    chosen = _check_records(default_run)
+    assert m.quantization["selection"]["batch_invariance_required"] is True
+    assert chosen == _expected_choice(m, None, require_invariance=True)
+    assert chosen[0] != "dynamic" and m.batch_invariant is True
+    dynamic = m.quantization["selection"]["candidates"]["dynamic"]
+    assert dynamic["engines"]["onnxruntime"]["batch_invariance"] > TOLERANCE
+    assert dynamic["verdicts"]["onnxruntime"].startswith("batch-variant")
+    assert "--allow-batch-variance" in dynamic["verdicts"]["onnxruntime"]
+
+
+def test_allowed_batch_variance_lets_the_fastest_pair_win(variance_run: OptimizeResult) -> None:
+    m = variance_run.artifact.manifest
+    chosen = _check_records(variance_run)
+    assert m.quantization["selection"]["batch_invariance_required"] is False
+    assert chosen == _expected_choice(m, None, require_invariance=False)
+
+
+def test_a_floor_no_int8_candidate_meets_gives_fp32(variance_run: OptimizeResult, tiny_model_dir: TinyModelFactory,
+                                                    tmp_path: Path) -> None:
+    # The same model and data give the same graphs and fidelities again: the floor sits just under
+    # fp32, as measured by the run before. Static INT8 searches for a floor (keeping the most
+    # sensitive MatMuls in float), so a floor merely above its first try can still be met.
+    before = variance_run.artifact.manifest
+    int8 = [e["fidelity"] for mode, _, e in _pairs(before) if mode in INT8 and "error" not in e]
+    fp32 = [e["fidelity"] for mode, _, e in _pairs(before) if mode == "none" and "error" not in e]
+    floor = round(min(fp32) - 2e-6, 6)
+    assert int8 and fp32 and floor > max(int8), (fp32, int8)
+    config = auto_config(tiny_model_dir("bert", "embedding"), tmp_path / "floor", quality_floor=floor,
+                         allow_batch_variance=True)
+    result = run_optimize(config, progress=False)
+    m = result.artifact.manifest
+    chosen = _check_records(result)
+    assert chosen[0] == "none" and chosen == _expected_choice(m, floor, require_invariance=False)
+    assert m.quality_floor == floor and m.quality["final"]["score"] >= floor and m.batch_invariant is True
+    for mode in INT8:
+        cand = m.quantization["selection"]["candidates"][mode]
+        if "error" in cand:  # static INT8 searched for the floor and could not reach it
+            assert str(floor) in cand["error"]
+            continue
+        for key, verdict in cand["verdicts"].items():
+            assert verdict.startswith(("below the quality floor", "cannot run")), (mode, key, verdict)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="OpenVINO is not installed")
+def test_an_openvino_artifact_is_served_by_openvino_with_engine_auto(tiny_model_dir: TinyModelFactory,
+                                                                     tmp_path: Path) -> None:
+    from pruneserve.server.config import ServeConfig
+    from pruneserve.server.runtime import ModelRuntime, resolve_engine_name
+
+    # A fleet that serves with OpenVINO only: the choice is made among OpenVINO pairs.
+    config = auto_config(tiny_model_dir("bert", "embedding"), tmp_path / "ov",
+                         validate={"latency_shapes": [[1, 8]], "warmup": 0, "repeats": 1, "engine_rounds": 1,
+                                   "baselines": False, "engines": ["openvino-f32"]})
+    result = run_optimize(config, progress=False)
+    m = result.artifact.manifest
+    assert set(m.engines) == {"openvino-f32"}
+    assert m.runtime["engine"] == "openvino" and m.runtime["precision"] == "f32"
+    assert m.quantization["mode"] in ("static", "none")  # dynamic INT8 cannot run on OpenVINO
+
+    artifact = load_artifact(result.artifact.path)
+    assert resolve_engine_name("auto", artifact.manifest) == "openvino"
+    runtime = ModelRuntime.load(artifact, ServeConfig(threads=1, engine="auto"))
+    try:
+        assert type(runtime.engine).__name__ == "OpenVinoEngine"
+        # ... and it answers like the artifact's graph on ONNX Runtime (within the artifact's precision).
+        import onnxruntime as ort
+
+        rng = np.random.default_rng(0)
+        feeds = {"input_ids": rng.integers(5, 100, size=(2, 6), dtype=np.int64),
+                 "attention_mask": np.ones((2, 6), dtype=np.int64),
+                 "token_type_ids": np.zeros((2, 6), dtype=np.int64)}
+        got = runtime.engine.run(feeds)["embedding"]
+        want = ort.InferenceSession(str(artifact.model_path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+        assert cos.min() > 0.99
+    finally:
+        runtime.engine.close()
