@@ -36,6 +36,12 @@ def test_flags_map_to_config_fields(embedding_artifact: Path) -> None:
     assert (config.threads, config.workers, config.providers, config.engine) == (2, 3, ["cuda", "cpu"], "onnxruntime")
     assert (config.max_sequence_length, config.truncate, config.length_buckets) == (128, True, [8, 32])
     assert (config.max_message_bytes, config.grace_seconds, config.shadow_rate) == (4096, 2.5, 0.25)
+    assert config.dispatch_when_idle  # the default
+
+
+def test_dispatch_when_idle_flag() -> None:
+    assert config_from_args(parse("x", "--no-dispatch-when-idle")).dispatch_when_idle is False
+    assert config_from_args(parse("x", "--dispatch-when-idle")).dispatch_when_idle is True
 
 
 def test_yaml_is_the_base_and_flags_override(embedding_artifact: Path, tmp_path: Path) -> None:
