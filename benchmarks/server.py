@@ -202,7 +202,8 @@ def serving(
 ) -> Iterator[ServerProcess]:
     """Start ``kind`` ('pruneserve' or 'triton') on free 127.0.0.1 ports; always stop it afterwards.
 
-    ``extra_args`` are appended to ``pruneserve serve`` (e.g. ``--shadow-rate 0.01``).
+    ``extra_args`` are appended to ``pruneserve serve`` (e.g. ``--shadow-rate 0.01``) or to
+    ``triton_peer.py`` (e.g. ``--ort-spinning``).
     """
     grpc_port, metrics_port = free_port(), free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -219,7 +220,7 @@ def serving(
     elif kind == "triton":
         py = str(ensure_triton_venv())
         cmd = [py, str(BENCH_DIR / "triton_peer.py"), str(artifact), "--http-port", str(free_port()),
-               "--model-name", model, *common]  # fmt: skip
+               "--model-name", model, *common, *extra_args]  # fmt: skip
         # The Python backend stub links libpython: the interpreter's own LIBDIR must come first.
         libdir = _libdir_of(py)
         env["LD_LIBRARY_PATH"] = ":".join(p for p in (libdir, env.get("LD_LIBRARY_PATH", "")) if p)

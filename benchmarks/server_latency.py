@@ -1,6 +1,7 @@
 """Where a request's time goes, side by side: pruneserve variants, Triton and the in-process ceiling.
 
 ``python -m benchmarks.server_latency [--rounds 3] [--seconds 2] [--concurrency 1,16] [--variant NAME=ARGS]``
+``python -m benchmarks.server_latency --stages`` (one request's stages in the data plane, no gRPC)
 
 The harness's server benchmark (``benchmarks/server.py``) measures one server after the other;
 on a machine shared with other jobs the load moves between them. Here every server is started
@@ -20,7 +21,8 @@ Besides perf_analyzer's throughput and latency percentiles it records:
   the transport and the client (gRPC in both processes, protobuf, the loopback).
 
 Servers get the same flags as in ``benchmarks/server.py`` (threads, max batch, queue delay);
-a variant adds pruneserve flags (e.g. ``queue-delay=--no-dispatch-when-idle``). Results go
+a variant adds pruneserve flags (e.g. ``queue-delay=--no-dispatch-when-idle``), a Triton variant
+``triton_peer.py`` flags (e.g. ``triton-spin=--ort-spinning``). Results go
 to ``benchmarks/results/server_latency.json`` (or ``--out``) and a table is printed.
 """
 
@@ -29,11 +31,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import resource
 import shlex
 import statistics
 import subprocess
+import tempfile
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -83,7 +87,7 @@ def group_cpu_seconds(pgid: int) -> float:
 
 def uptime() -> str:
     """The load averages, as ``uptime`` prints them."""
-    return subprocess.run(["uptime"], capture_output=True, text=True, timeout=10).stdout.strip()
+    return subprocess.run(["uptime"], capture_output=True, text=True, timeout=10, check=False).stdout.strip()
 
 
 def measure(
@@ -101,7 +105,7 @@ def measure(
     pgid = os.getpgid(server.proc.pid)
     before, cpu0 = scrape(server.metrics_port, names), group_cpu_seconds(pgid)
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=settings.timeout_s)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=settings.timeout_s, check=False)
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     after, cpu1 = scrape(server.metrics_port, names), group_cpu_seconds(pgid)
     if proc.returncode != 0:
@@ -144,11 +148,12 @@ def run(
     seconds: float,
     out: Path,
     triton: bool = True,
+    triton_variants: dict[str, list[str]] | None = None,
 ) -> dict[str, Any]:
     """Start every server, interleave the loads for ``rounds`` rounds; returns (and writes) the results."""
     manifest = json.loads((artifact / "manifest.json").read_text())
     model = manifest["name"]
-    work = out.parent / "server_latency_work"
+    work = Path(tempfile.mkdtemp(prefix="server_latency_"))  # logs, perf_analyzer CSVs, input JSON
     work.mkdir(parents=True, exist_ok=True)
     texts = load_corpus()[:256]
     input_json = write_input_data(texts, work / "input_data.json")
@@ -162,6 +167,8 @@ def run(
             servers[name] = stack.enter_context(serving("pruneserve", artifact, model, threads, work / name, args))
         if triton:
             servers["triton"] = stack.enter_context(serving("triton", artifact, model, threads, work / "triton"))
+        for name, args in (triton_variants or {}).items():
+            servers[name] = stack.enter_context(serving("triton", artifact, model, threads, work / name, args))
         order = [*servers, "in-process"]
         for r in range(rounds):
             loads.append(uptime())
@@ -186,6 +193,7 @@ def run(
         r["p99_vs_triton"] = r["p99_ms"] / peer["p99_ms"] if peer else float("nan")
     payload = {
         "artifact": str(artifact),
+        "work_dir": str(work),
         "threads": threads,
         "variants": variants,
         "rounds": rounds,
@@ -208,7 +216,7 @@ def table(payload: dict[str, Any]) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
     def f(v: Any, fmt: str) -> str:
-        return "-" if not isinstance(v, (int, float)) or v != v else format(v, fmt)
+        return "-" if not isinstance(v, (int, float)) or math.isnan(v) else format(v, fmt)
 
     for r in payload["results"]:
         lines.append(
@@ -220,6 +228,84 @@ def table(payload: dict[str, Any]) -> str:
             f"| {f(r.get('dp_compute_ms'), '.2f')} |"
         )
     return "\n".join(lines)
+
+
+def stages(artifact: Path, threads: int, requests: int = 512) -> dict[str, float]:
+    """Median milliseconds of each stage of one request through the data plane, without gRPC.
+
+    Sequential requests (concurrency 1) of real sentences through a started
+    :class:`~pruneserve.server.dataplane.DataPlane`. The batcher's methods are wrapped (here,
+    not in the server) to timestamp: arrival -> submit (validate + tokenize), submit -> the
+    batch task starts (scheduler), -> the worker thread starts (executor hop), the engine run
+    with assembling and splitting (execute), and the rest until ``infer`` returns (hop back to
+    the loop, futures, outputs, metrics). ``direct`` is the same request prepared and executed
+    straight on this thread, interleaved with the data-plane requests.
+    """
+    import asyncio
+
+    import numpy as np
+    from pruneserve.server import batcher as batcher_module
+    from pruneserve.server.config import ServeConfig
+    from pruneserve.server.dataplane import DataPlane
+    from pruneserve.server.types import InferInput, InferRequest
+
+    texts = load_corpus()[:256]
+    model = json.loads((artifact / "manifest.json").read_text())["name"]
+    marks: dict[str, float] = {}
+    cls = batcher_module.DynamicBatcher
+    submit, execute, run_batch = cls.submit, cls._execute, cls._run
+
+    def timed_submit(self: Any, *a: Any, **k: Any) -> Any:
+        marks["submit"] = time.perf_counter()
+        return submit(self, *a, **k)
+
+    def timed_execute(self: Any, batch: Any) -> Any:
+        marks["exec0"] = time.perf_counter()
+        out = execute(self, batch)
+        marks["exec1"] = time.perf_counter()
+        return out
+
+    async def timed_run(self: Any, batch: Any) -> None:
+        marks["run0"] = time.perf_counter()
+        await run_batch(self, batch)
+
+    def request(text: str) -> InferRequest:
+        data = np.array([text.encode()], dtype=object).reshape(1, 1)
+        return InferRequest(model, "", [InferInput("text", "BYTES", (1, 1), data)], [], "")
+
+    async def main() -> dict[str, float]:
+        dp = DataPlane(ServeConfig(artifacts=[str(artifact)], threads=threads, metrics_port=0))
+        await dp.start()
+        rt = dp.repository.get(model)
+        spans: dict[str, list[float]] = {k: [] for k in ("prepare", "schedule", "to_worker", "execute", "back", "total", "direct")}
+        try:
+            for t in texts[:20]:
+                await dp.infer(request(t))
+            for i in range(requests):
+                r = request(texts[i % len(texts)])
+                t0 = time.perf_counter()
+                p = rt.prepare(r, 32)
+                raw, _ = rt.execute([p])
+                rt.make_outputs(p, raw[0])
+                t1 = time.perf_counter()
+                await dp.infer(r)
+                t2 = time.perf_counter()
+                spans["direct"].append(t1 - t0)
+                spans["prepare"].append(marks["submit"] - t1)
+                spans["schedule"].append(marks["run0"] - marks["submit"])
+                spans["to_worker"].append(marks["exec0"] - marks["run0"])
+                spans["execute"].append(marks["exec1"] - marks["exec0"])
+                spans["back"].append(t2 - marks["exec1"])
+                spans["total"].append(t2 - t1)
+        finally:
+            await dp.stop(1)
+        return {k: 1e3 * statistics.median(v) for k, v in spans.items()}
+
+    cls.submit, cls._execute, cls._run = timed_submit, timed_execute, timed_run  # type: ignore[method-assign]
+    try:
+        return asyncio.run(main())
+    finally:
+        cls.submit, cls._execute, cls._run = submit, execute, run_batch  # type: ignore[method-assign]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,20 +320,31 @@ def main(argv: list[str] | None = None) -> int:
         "--variant", action="append", default=[], metavar="NAME=ARGS",
         help="a pruneserve variant with extra serve flags (repeatable); 'pruneserve' with no flags is always run",
     )  # fmt: skip
+    p.add_argument(
+        "--triton-variant", action="append", default=[], metavar="NAME=ARGS",
+        help="a Triton peer variant with extra triton_peer.py flags, e.g. triton-spin=--ort-spinning (repeatable)",
+    )  # fmt: skip
     p.add_argument("--no-triton", action="store_true")
     p.add_argument("--out", type=Path, default=DEFAULT_RESULTS / "server_latency.json")
+    p.add_argument("--stages", action="store_true", help="only time one request's stages in the data plane (no gRPC)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.stages:
+        print(uptime())
+        print("  ".join(f"{k} {v:.3f} ms" for k, v in stages(args.artifact, args.threads).items()))
+        print(uptime())
+        return 0
     variants: dict[str, list[str]] = {"pruneserve": []}
     for spec in args.variant:
         name, _, flags = spec.partition("=")
         variants[name] = shlex.split(flags)
+    triton_variants = {n: shlex.split(f) for n, _, f in (v.partition("=") for v in args.triton_variant)}
     payload = run(
         args.artifact, args.threads, variants, [int(c) for c in args.concurrency.split(",")],
-        args.rounds, args.seconds, args.out, triton=not args.no_triton,
+        args.rounds, args.seconds, args.out, triton=not args.no_triton, triton_variants=triton_variants,
     )  # fmt: skip
     print(table(payload))
     print("load:", *payload["loads"], sep="\n  ")

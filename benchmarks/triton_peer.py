@@ -47,7 +47,7 @@ def _prepend_libdir() -> None:
 class ArtifactModel:
     """The artifact's ONNX Runtime session and tokenizer, used exactly as the server uses them."""
 
-    def __init__(self, artifact: Path, threads: int) -> None:
+    def __init__(self, artifact: Path, threads: int, spinning: bool = False) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -67,8 +67,9 @@ class ArtifactModel:
         # The same session options as pruneserve's engine (server/runtime.py) and the in-process
         # ceiling: idle intra-op threads sleep instead of spinning, so they leave the two shared
         # cores to the gRPC threads and the client between runs.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        # (--ort-spinning restores ONNX Runtime's default, to measure what that costs.)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
         self.session = ort.InferenceSession(
             str(artifact / manifest.get("model_file", "model.onnx")), opts, providers=["CPUExecutionProvider"]
         )
@@ -95,6 +96,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-queue-delay-ms", type=float, default=2.0)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--model-name", default=None, help="defaults to the manifest's name")
+    p.add_argument(
+        "--ort-spinning", action="store_true",
+        help="let idle ONNX Runtime threads spin (its default; off by default here, as in pruneserve)",
+    )  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -109,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig
 
-    model = ArtifactModel(args.artifact, args.threads)
+    model = ArtifactModel(args.artifact, args.threads, spinning=args.ort_spinning)
     name = args.model_name or model.name
 
     @batch
