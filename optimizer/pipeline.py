@@ -316,6 +316,8 @@ def run_optimize(config: OptimizeConfig, progress: bool = True) -> OptimizeResul
         with stages("engines"):  # engines.py: quality, invariance, latency per (candidate, engine); the choice
             selection = _select(config, loaded, exported.input_names, built, eval_batches, teacher_eval, floor)
             quantized = selection.quantized
+            if quantized.path.name != "model.onnx":  # a candidate's scratch name: ship it under its own
+                quantized.path = quantized.path.rename(work / "model.onnx")
 
         with stages("validate"):  # validate.py: checker, quality per stage, latency, providers
             report_ = _validate(
@@ -394,16 +396,17 @@ def _calibration_feeds(batches: list[Any], limit: int) -> list[dict[str, Any]]:
 
 def _static_int8(
     unfused: Path, out: Path, calibration: list[dict[str, Any]], eval_batches: list[Any],
-    teacher_eval: list[Any], floor: float,
+    teacher_eval: list[Any], floor: float, max_excluded: int,
 ) -> QuantizeResult:
     """Batch-invariant static INT8 through static_int8.py (NNCF first, then ONNX Runtime with
-    measured exclusions): plain calibrated QDQ keeps only ~0.85 cosine on MiniLM, this ~0.997."""
-    from pruneserve.optimizer.quantize import QuantizeResult
-    from pruneserve.optimizer.static_int8 import quantize_static_int8
+    up to ``max_excluded`` measured-sensitive MatMuls kept in float): plain calibrated QDQ keeps
+    only ~0.85 cosine on MiniLM, this ~0.997."""
+    from pruneserve.optimizer.static_int8 import StaticInt8Config, quantize_static_int8
 
     eval_feeds = [{k: v.numpy() for k, v in b.inputs.items()} for b in eval_batches]
     reference = [t.numpy() for t in teacher_eval]
-    s8 = quantize_static_int8(unfused, out, calibration, eval_feeds, reference, floor)
+    s8 = quantize_static_int8(unfused, out, calibration, eval_feeds, reference, floor,
+                              config=StaticInt8Config(max_excluded=max_excluded))
     return QuantizeResult(
         s8.path, "static", True, True, "unfused",
         calibration_size=len(calibration), quality=s8.fidelity, attempts=list(s8.tried),
@@ -440,8 +443,11 @@ def _build_candidates(
         logger.info("quantize: candidate %s (%d/%d): building", mode, number, len(modes))
         try:
             if mode == "static" and task == "embedding":
+                # quantize.max_excluded_nodes / sensitivity_fallback bound the nodes kept in float
+                # here as in quantize.py's fallback: one setting for every INT8 mode.
+                max_excluded = config.quantize.max_excluded_nodes if config.quantize.sensitivity_fallback else 0
                 result = _static_int8(unfused, out, calibration, eval_batches, teacher_eval,
-                                      floor if floor is not None else 0.0)
+                                      floor if floor is not None else 0.0, max_excluded)
             elif auto and mode in ("dynamic", "none"):
                 # Measured afterwards on every engine (held-out quality included), so no
                 # evaluation here; a dynamic graph under the floor simply loses the comparison

@@ -94,7 +94,8 @@ class QuantizeConfig:
         calibration_size: texts used to calibrate activation ranges (``static`` only).
         calibration_method: how ranges are taken from the calibration activations.
         sensitivity_fallback: when the quality floor is missed, keep the most sensitive
-            nodes in float instead of failing at once.
+            nodes in float instead of failing at once (static INT8 of embedding models too,
+            through static_int8.py's ONNX Runtime search).
         max_excluded_nodes: the most nodes the fallback may keep in float.
         keep_fp32_ops: op types the fp16 converter leaves in fp32.
     """

@@ -110,7 +110,7 @@ def _selection_lines(manifest: Manifest) -> list[str]:
     chosen = selection.get("chosen", {})
     lines += [
         "",
-        f"Quality floor {selection.get('quality_floor')}; batch invariance required: "
+        f"Quality floor {selection.get('quality_floor') or 'none'}; batch invariance required: "
         f"{'yes' if selection.get('batch_invariance_required') else 'no'} (max abs difference alone vs batched "
         f"<= {selection.get('invariance_tolerance'):g}); fastest by `{selection.get('latency_key')}`; "
         f"{selection.get('threads')} threads, {selection.get('rounds')} rounds interleaved over every pair, "
@@ -271,4 +271,13 @@ def summary_lines(manifest: Manifest) -> list[str]:
             lines.append(f"{name:<26} " + "  ".join(f"{k} {v:.2f} ms" for k, v in med[name]["median_ms"].items()))
     for name, ups in manifest.latency.get("speedup", {}).items():
         lines.append(f"speed-up vs {name}: " + ", ".join(f"{k} {v:.2f}x" for k, v in ups.items()))
+    selection: dict[str, Any] = manifest.quantization.get("selection") or {}
+    chosen = selection.get("chosen") or {}
+    if chosen:
+        others = [f"{mode}: {cand.get('why')}" for mode, cand in selection.get("candidates", {}).items()
+                  if not cand.get("chosen")]
+        lines.append(f"chosen: quantization {chosen.get('quantization')} on engine {chosen.get('engine')} "
+                     f"(batch-invariant: {'yes' if manifest.batch_invariant else 'no'}); serve --engine auto uses "
+                     f"{manifest.runtime.get('engine')}")
+        lines += [f"  not chosen: {line[:300]}" for line in others]
     return lines
