@@ -307,7 +307,7 @@ def run_optimize(config: OptimizeConfig, progress: bool = True) -> OptimizeResul
             return validate.onnx_quality(path, loaded.task, teacher_eval, eval_batches).score
 
         with stages("quantize"):  # quantize.py / static_int8.py: the candidate graphs (auto: several)
-            calibration = _calibration_feeds(score_batches, config.quantize.calibration_size)  # once, for all
+            calibration = calibration_feeds(score_batches, config.quantize.calibration_size)  # once, for all
             built = _build_candidates(
                 config, loaded.task, fused.path, exported.path, work, calibration, eval_batches, teacher_eval,
                 floor, evaluate,
@@ -378,8 +378,9 @@ def run_optimize(config: OptimizeConfig, progress: bool = True) -> OptimizeResul
     return OptimizeResult(artifact, pruned, quantized, report_, list(stages), seconds)
 
 
-def _calibration_feeds(batches: list[Any], limit: int) -> list[dict[str, Any]]:
-    """Numpy feeds of up to ``limit`` texts from the scoring split, one text per feed.
+def calibration_feeds(batches: list[Any], limit: int) -> list[dict[str, Any]]:
+    """Numpy feeds of up to ``limit`` texts from the scoring split, one text per feed: what static
+    INT8 is calibrated on (benchmarks calibrate their peers on the same feeds).
 
     One text per feed: padding then never enters the calibrated ranges, so the static
     scales are those a served (unpadded) request produces.
@@ -757,4 +758,4 @@ def _json_bytes(data: Any) -> bytes:
     return (json.dumps(data, indent=2) + "\n").encode()
 
 
-__all__ = ["OptimizeConfig", "OptimizeResult", "StageRecord", "run_optimize"]
+__all__ = ["OptimizeConfig", "OptimizeResult", "Selection", "StageRecord", "calibration_feeds", "run_optimize"]

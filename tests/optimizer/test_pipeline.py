@@ -231,3 +231,21 @@ def test_tensorrt_target_gives_a_calibrated_batch_invariant_artifact(tiny_model_
         assert m.runtime["providers_used_at_build"] == ["CPUExecutionProvider"]
         assert "CPUExecutionProvider" in (tmp_path / "trt" / "report.md").read_text().split("## Warnings")[1]
     assert m.quality["stages"]["quantized"]["score"] > 0.9
+
+
+def test_calibration_feeds_are_single_unpadded_texts(tiny_model_dir: TinyModelFactory) -> None:
+    from pruneserve.optimizer.config import DataConfig
+    from pruneserve.optimizer.pipeline import calibration_feeds
+    from pruneserve.optimizer.pruner import prepare_data
+
+    _, score_batches, _ = prepare_data(load_model(tiny_model_dir("bert", "embedding")),
+                                       DataConfig(max_examples=48, batch_size=16))
+    feeds = calibration_feeds(score_batches, 20)
+    assert len(feeds) == 20  # capped at the limit, from the scoring split only
+    first = score_batches[0]
+    for row, feed in enumerate(feeds[:first.size]):
+        length = int(first.attention_mask[row].sum())
+        assert set(feed) == set(first.inputs) and feed["input_ids"].shape == (1, length)
+        assert (feed["attention_mask"] == 1).all()  # padding never enters the calibrated ranges
+        assert (feed["input_ids"][0] == first.inputs["input_ids"][row, :length].numpy()).all()
+    assert len(calibration_feeds(score_batches, 10_000)) == sum(b.size for b in score_batches)
