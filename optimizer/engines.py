@@ -6,10 +6,13 @@ on MiniLM, OpenVINO was fastest on a CPU with AMX/bf16 (b1x32 2.0 ms vs 3.1 ms f
 Runtime's dynamic INT8), while on an AVX2-only CPU ONNX Runtime ran the same graph faster (b32x128
 2447 vs 3139 ms, ``benchmarks/results/int8_modes.md``); ONNX Runtime's quantized contrib ops
 (dynamic INT8's ``QAttention``) do not load in OpenVINO at all. So the choice is measured, not
-assumed: :func:`measure_engines` records latency, fidelity and batch invariance per engine
-(``manifest.engines``), :func:`best_engine` picks the fastest one that keeps the artifact's
-promises, and :func:`runtime_recommendation` is what goes into ``manifest.runtime`` for
-``pruneserve serve`` (``engine: auto``) to follow.
+assumed: :func:`measure_graphs` records latency, fidelity and batch invariance of several graphs
+(the pipeline's quantization candidates) on every engine, :func:`choose` picks the fastest
+(graph, engine) pair that keeps the artifact's promises (quality floor, batch invariance) and
+says for every other pair why not (``manifest.quantization.selection``), :func:`measure_engines`
+/ :func:`best_engine` are the same for one graph (``manifest.engines``), and
+:func:`runtime_recommendation` is what goes into ``manifest.runtime`` for ``pruneserve serve``
+(``engine: auto``) to follow.
 
 Timings are interleaved (one run of each engine per round, medians over rounds), so a busy
 machine slows every engine alike and the ratios stay fair; intra-op spinning is off for the
