@@ -264,7 +264,7 @@ def static_int8_original(
     from pruneserve.optimizer.static_int8 import ort_runner, quantize_static_int8
 
     names = ["input_ids", "attention_mask", "token_type_ids"]
-    digest = hashlib.sha256("\n".join(t for b in calibration for t in b.texts).encode()).hexdigest()[:10]
+    digest = hashlib.sha256(b"".join(b.input_ids.tobytes() for b in calibration)).hexdigest()[:10]
     out = fp32.parent / f"original_static_int8-{digest}.onnx"
     if out.is_file():
         return out
@@ -398,21 +398,31 @@ def artifact_runtime(label: str, path: Path, threads: int) -> Runtime:
     return ort_runtime(label, onnx_path, threads, kind="pruneserve", note=f"{note}, on ONNX Runtime")
 
 
-def quality_texts(quick: bool) -> tuple[list[str], list[str]]:
-    """(held-out texts, calibration texts) from the optimizer's own default split.
+def quality_data(tokenizer: Any, quick: bool) -> tuple[list[str], list[TokenBatch]]:
+    """(held-out texts, calibration feeds) from the optimizer's own default split.
 
-    The held-out part is what ``pruneserve optimize`` reports its quality on; the calibration
-    texts are the first ``calibration_size`` scoring texts, the ones its static INT8 is
-    calibrated on, so the OpenVINO + NNCF peer is built from the same texts.
+    The held-out part is what ``pruneserve optimize`` reports its quality on. The calibration
+    feeds are exactly those its static INT8 calibrates on (the scoring split batched as
+    ``prepare_data`` batches it, then :func:`~pruneserve.optimizer.pipeline.calibration_feeds`),
+    so the OpenVINO + NNCF peer is built from the same texts.
     """
     from pruneserve.optimizer.config import DataConfig
-    from pruneserve.optimizer.data import load_data
+    from pruneserve.optimizer.data import load_data, make_batches
+    from pruneserve.optimizer.pipeline import calibration_feeds
     from pruneserve.optimizer.quantize import QuantizeConfig
 
-    split = load_data(DataConfig())
-    held_out = split.eval.texts[: 64 if quick else 256]
-    calibration = split.score.texts[: QuantizeConfig().calibration_size]
-    return held_out, calibration
+    data = DataConfig()
+    split = load_data(data)
+    batches = make_batches(
+        split.score, tokenizer, batch_size=data.batch_size, max_length=data.max_length,
+        uses_token_type_ids=True, by_length=True, seed=data.seed,
+    )  # fmt: skip
+    feeds = calibration_feeds(batches, QuantizeConfig().calibration_size)
+    calibration = [
+        TokenBatch(f["input_ids"], f["attention_mask"], f.get("token_type_ids", np.zeros_like(f["input_ids"])), ())
+        for f in feeds
+    ]
+    return split.eval.texts[: 64 if quick else 256], calibration
 
 
 # -- measurements ------------------------------------------------------------------------
@@ -478,14 +488,13 @@ def run_model_bench(
     for label, path in artifacts.items():
         runtimes.append(artifact_runtime(label, path, cfg.threads))
 
-    held_out, calibration = quality_texts(cfg.quick)
+    held_out, calib_batches = quality_data(tok, cfg.quick)
     notes.append(
         f"Fidelity and batch invariance on {len(held_out)} texts of the optimizer's held-out split of its "
-        f"default corpus (never used for scoring, recovery or calibration); the NNCF peer is calibrated on "
-        f"the first {len(calibration)} texts of the scoring split, the texts our static INT8 calibrates on."
+        f"default corpus (never used for scoring, recovery or calibration); the NNCF peer and the static INT8 "
+        f"baseline are calibrated on the same {len(calib_batches)} scoring texts as our static INT8."
     )
     fid_batches = [tokenize(tok, held_out[i : i + 16], 128) for i in range(0, len(held_out), 16)]
-    calib_batches = [tokenize(tok, [t], 128) for t in calibration]
     ov, ov_notes = openvino_runtimes(baselines["ort-fp32"], cfg.threads, calib_batches)
     runtimes += ov
     notes += ov_notes
