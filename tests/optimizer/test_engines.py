@@ -112,3 +112,34 @@ def test_runtime_recommendation() -> None:
     }
     assert runtime_recommendation(OPENVINO_BF16, m) == {"engine": "openvino", "precision": "bf16"}
     assert runtime_recommendation(ONNXRUNTIME, m) == {"engine": "onnxruntime", "providers": ["CPUExecutionProvider"]}
+
+
+def test_choose_over_graphs_says_why_each_pair_lost() -> None:
+    from pruneserve.optimizer.engines import choose
+
+    m = {
+        "dynamic": {ONNXRUNTIME: _entry("onnxruntime", "fp32-graph", 100.0, 0.990, 4e-2),
+                    OPENVINO_F32: {"engine": "openvino", "precision": "f32", "error": "no rule for QAttention"}},
+        "static": {ONNXRUNTIME: _entry("onnxruntime", "fp32-graph", 150.0, 0.985, 1e-8),
+                   OPENVINO_F32: _entry("openvino", "f32", 140.0, 0.984, 0.0)},
+        "none": {ONNXRUNTIME: _entry("onnxruntime", "fp32-graph", 200.0, 0.999, 1e-7),
+                 OPENVINO_F32: _entry("openvino", "f32", 200.0, 0.999, 1e-7)},
+    }
+    c = choose(m, 0.98)
+    assert (c.graph, c.engine, c.latency_key) == ("static", OPENVINO_F32, "latency_b32x128_ms")
+    assert c.verdicts["static"][OPENVINO_F32].startswith("chosen:")
+    assert c.verdicts["dynamic"][ONNXRUNTIME].startswith("batch-variant")
+    assert c.verdicts["dynamic"][OPENVINO_F32] == "cannot run: no rule for QAttention"
+    assert c.verdicts["static"][ONNXRUNTIME].startswith("qualifies, but slower: b32x128 150.00 ms vs 140.00")
+    # A floor above static INT8 leaves fp32; the engines tie, so ONNX Runtime wins.
+    c = choose(m, 0.99)
+    assert (c.graph, c.engine) == ("none", ONNXRUNTIME)
+    assert c.verdicts["static"][OPENVINO_F32] == "below the quality floor: 0.9840 < 0.99"
+    # Batch variance allowed: the fastest of all.
+    assert (choose(m, 0.98, batch_invariant=False).graph, choose(m, 0.98, batch_invariant=False).engine) == (
+        "dynamic", ONNXRUNTIME)
+    # By the single-text latency instead: static on OpenVINO 14 ms beats fp32's 20.
+    assert choose(m, 0.98, latency_key="latency_b1x32_ms").engine == OPENVINO_F32
+    with pytest.raises(ValidationError, match=r"no \(quantization, engine\) pair meets quality floor 0.9999.*"
+                                              r"--allow-batch-variance"):
+        choose(m, 0.9999)
