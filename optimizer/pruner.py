@@ -189,7 +189,8 @@ def run_pruning(
     with timings("recovery"):  # recovery.py: least-squares refit, then distillation
         stages = recover(
             student, teacher, score_batches, eval_batches, config.recovery,
-            teacher_score=teacher_score, teacher_eval=teacher_eval, seed=config.data.seed, progress=progress,
+            teacher_score=teacher_score, teacher_eval=teacher_eval, pruned_quality=found.quality,
+            seed=config.data.seed, progress=progress,
         )
     student.eval()
     return PruneResult(

@@ -13,12 +13,17 @@ penalty *toward the original (sliced) weights*, ``alpha = ridge_alpha_scale x me
 diagonal``: alpha 0.1 was measured to generalise to other text, 1e-3 overfits the
 calibration data (other-domain cosine 0.776, below no recovery at all). Optionally each FFN
 output projection ``ffn_out`` is refit the same way against the teacher's ``ffn_norm`` input.
+Both happen in one bottom-up sweep (attention then FFN in each layer), so each fit sees the
+already repaired parts below it and the teacher runs once; the Gram matrix is one float32
+product over all real tokens, solved in float64 (:func:`ridge_solve`).
 
 **Distillation.** A short AdamW run on all non-embedding weights: ``1 - cosine`` to the
-teacher's embeddings (embedding models) or temperature-scaled KL to its logits (classifiers).
+teacher's embeddings (embedding models) or temperature-scaled KL to its logits (classifiers),
+plus by default a token-level ``1 - cosine`` to the teacher's last hidden states (returned by
+the refit sweep, so they cost nothing extra).
 
-Measured on all-MiniLM-L6-v2 with 50% heads removed (in-domain mean cosine): none .866,
-attention refit .953, + FFN refit .963, + distillation .968.
+Measured on all-MiniLM-L6-v2 with 50% heads removed, held-out mean cosine: see
+``benchmarks/results/prune_minilm.md`` (pruned .844, refit .961, + distillation ~.966).
 """
 
 from __future__ import annotations
@@ -53,79 +58,55 @@ class RecoveryStage:
         return {"method": self.method, "quality": self.quality.to_dict(), "seconds": round(self.seconds, 2)}
 
 
-class _Stop(Exception):
-    """Raised from a hook once the tensors of the projection being refit are captured."""
+def ridge_solve(
+    xs: Sequence[Tensor], ys: Sequence[Tensor], weight: Tensor, bias: Tensor, alpha_scale: float
+) -> tuple[Tensor, Tensor]:
+    """Solve ``y ≈ x @ W.T + b`` by ridge regression toward ``(weight, bias)``; return the new ``(W, b)``.
 
-
-def _modules(block: nn.Module, kind: str) -> tuple[nn.Linear, nn.Module]:
-    """The projection refit for ``kind`` and the LayerNorm whose input is the target sum."""
-    return (block.attention.o, block.attn_norm) if kind == "attention" else (block.ffn_out, block.ffn_norm)
-
-
-def _run_until_norm(block: nn.Module, hidden: Tensor, mask_bias: Tensor, kind: str, capture_projection: bool
-                    ) -> dict[str, Tensor]:
-    """Run one encoder layer until the ``kind`` LayerNorm's input is known; return the captured tensors."""
-    proj, norm = _modules(block, kind)
-    got: dict[str, Tensor] = {}
-
-    def save_sum(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
-        got["sum"] = args[0]
-        raise _Stop
-
-    def save_input(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
-        got["x"] = args[0]
-
-    def save_output(_module: nn.Module, _args: tuple[Tensor, ...], out: Tensor) -> None:
-        got["out"] = out
-
-    handles = [norm.register_forward_pre_hook(save_sum)]
-    if capture_projection:
-        handles += [proj.register_forward_pre_hook(save_input), proj.register_forward_hook(save_output)]
-    try:
-        block(hidden, mask_bias)
-    except _Stop:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return got
-
-
-def refit_projection(
-    student_block: nn.Module,
-    teacher_block: nn.Module,
-    student_inputs: Sequence[Tensor],
-    teacher_inputs: Sequence[Tensor],
-    mask_biases: Sequence[Tensor],
-    token_masks: Sequence[Tensor],
-    kind: str,
-    alpha_scale: float,
-) -> None:
-    """Ridge-refit one layer's ``o`` (``kind="attention"``) or ``ffn_out`` (``kind="ffn"``) in place.
-
-    ``*_inputs`` are each model's hidden states entering this layer, per batch; only real
-    (non-padding) tokens, ``token_masks``, enter the regression.
+    ``xs``/``ys`` are row blocks (tokens x features) of one regression. The Gram matrix is one
+    float32 product over all rows (a single large matmul uses every core; summing per-batch
+    products converted to float64 cost more than the product itself), and the system is solved
+    in float64. float32 accumulation is accurate enough here: the ridge term,
+    ``alpha = alpha_scale x mean Gram diagonal``, keeps the system well conditioned.
     """
     import torch
 
-    proj, _ = _modules(student_block, kind)
-    n_in = proj.in_features
-    gram = torch.zeros(n_in + 1, n_in + 1, dtype=torch.float64)
-    cross = torch.zeros(n_in + 1, proj.out_features, dtype=torch.float64)
-    for h_s, h_t, bias, real in zip(student_inputs, teacher_inputs, mask_biases, token_masks):
-        student = _run_until_norm(student_block, h_s, bias, kind, capture_projection=True)
-        teacher = _run_until_norm(teacher_block, h_t, bias, kind, capture_projection=False)
-        residual = student["sum"] - student["out"]
-        x, y = student["x"][real], (teacher["sum"] - residual)[real]
-        xa = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
-        # float32 products per batch (fast), float64 accumulation (exact enough over 10^5 tokens).
-        gram += (xa.T @ xa).double()
-        cross += (xa.T @ y).double()
-    original = torch.cat([proj.weight.T, proj.bias[None, :]], dim=0).double()
+    x = torch.cat(list(xs))
+    y = torch.cat(list(ys))
+    xa = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+    del x
+    gram = (xa.T @ xa).double()
+    cross = (xa.T @ y).double()
+    del xa
+    n_in = weight.shape[1]
+    original = torch.cat([weight.T, bias[None, :]], dim=0).double()
     alpha = alpha_scale * float(gram.diagonal()[:n_in].mean())
     solved = torch.linalg.solve(gram + alpha * torch.eye(n_in + 1, dtype=torch.float64), cross + alpha * original)
-    proj.weight.copy_(solved[:n_in].T.to(proj.weight.dtype))
-    proj.bias.copy_(solved[n_in].to(proj.bias.dtype))
+    return solved[:n_in].T.to(weight.dtype).contiguous(), solved[n_in].to(bias.dtype)
+
+
+def _teacher_sums(block: nn.Module, hidden: Tensor, mask_bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One teacher layer: its ``attn_norm`` input, its ``ffn_norm`` input and its output."""
+    got: list[Tensor] = []
+    handles = [norm.register_forward_pre_hook(lambda _m, args: got.append(args[0]))
+               for norm in (block.attn_norm, block.ffn_norm)]
+    try:
+        out = block(hidden, mask_bias)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return got[0], got[1], out
+
+
+def _context(block: nn.Module, hidden: Tensor, mask_bias: Tensor) -> Tensor:
+    """The concatenated head contexts entering the attention output projection ``o``."""
+    got: list[Tensor] = []
+    handle = block.attention.o.register_forward_pre_hook(lambda _m, args: got.append(args[0]))
+    try:
+        block.attention(hidden, mask_bias)
+    finally:
+        handle.remove()
+    return got[0]
 
 
 def refit(
@@ -136,19 +117,27 @@ def refit(
     kinds: Sequence[str],
     alpha_scale: float,
     progress: bool = False,
-) -> None:
-    """Refit ``kinds`` ("attention", "ffn") layer by layer, bottom up, in place.
+) -> list[Tensor]:
+    """Refit ``kinds`` ("attention": each ``o``; "ffn": each ``ffn_out``) layer by layer, bottom up, in place.
 
-    Both models' hidden states are carried from layer to layer (one pass over the data per
-    layer instead of a forward pass per projection), so layer ``l`` is fitted to what the
-    already refit layers below it produce. Layers that kept no heads (or no neurons) have
-    nothing to refit and are skipped.
+    Returns the teacher's last hidden states per batch (computed on the way; distillation's
+    token-level targets).
+
+    One sweep: both models' hidden states are carried from layer to layer, the teacher's
+    pre-LayerNorm sums are read in one pass of its layer, and in each student layer the
+    attention projection is refit first, then the FFN projection on the already repaired
+    attention output, then the layer's output is passed on. So every projection is fitted to
+    what the already refit parts below it produce. Layers that kept no heads (or no neurons)
+    have nothing to refit and are skipped. Only real (non-padding) tokens enter the regressions.
     """
     import torch
     from tqdm.auto import tqdm
 
     from pruneserve.optimizer.modeling import MASK_BIAS
 
+    unknown = sorted(set(kinds) - {"attention", "ffn"})
+    if unknown:
+        raise ValueError(f"unknown refit kind(s) {unknown}; use 'attention' and/or 'ffn'")
     was_training = student.training
     student.eval()
     teacher.eval()
@@ -162,15 +151,56 @@ def refit(
             for layer in tqdm(range(len(student.layers)), desc="least-squares refit", unit="layer",
                               disable=not progress, leave=False):
                 s_block, t_block = student.layers[layer], teacher.layers[layer]
-                for kind in kinds:
-                    width = s_block.attention.num_heads if kind == "attention" else s_block.ffn_size
-                    if width:
-                        refit_projection(s_block, t_block, h_s, h_t, biases, real, kind, alpha_scale)
-                if layer + 1 < len(student.layers):
-                    h_s = [s_block(h, bias) for h, bias in zip(h_s, biases)]
-                    h_t = [t_block(h, bias) for h, bias in zip(h_t, biases)]
+                sums = [_teacher_sums(t_block, h, bias) for h, bias in zip(h_t, biases)]
+                h_t = [out for _, _, out in sums]
+                # Attention: hidden + o(context) should match the teacher's attn_norm input.
+                attn = s_block.attention
+                if "attention" in kinds and attn.num_heads:
+                    contexts = [_context(s_block, h, bias) for h, bias in zip(h_s, biases)]
+                    w, b = ridge_solve(
+                        [c[m] for c, m in zip(contexts, real)],
+                        [(t_sum - h)[m] for (t_sum, _, _), h, m in zip(sums, h_s, real)],
+                        attn.o.weight, attn.o.bias, alpha_scale,
+                    )
+                    attn.o.weight.copy_(w)
+                    attn.o.bias.copy_(b)
+                    mid = [s_block.attn_norm(h + attn.o(c)) for h, c in zip(h_s, contexts)]
+                    del contexts
+                else:
+                    mid = [s_block.attn_norm(h + attn(h, bias)) for h, bias in zip(h_s, biases)]
+                # FFN: mid + ffn_out(act(ffn_in(mid))) should match the teacher's ffn_norm input.
+                if "ffn" in kinds and s_block.ffn_size:
+                    acts = [s_block.act(s_block.ffn_in(m)) for m in mid]
+                    w, b = ridge_solve(
+                        [a[m] for a, m in zip(acts, real)],
+                        [(t_sum - h)[m] for (_, t_sum, _), h, m in zip(sums, mid, real)],
+                        s_block.ffn_out.weight, s_block.ffn_out.bias, alpha_scale,
+                    )
+                    s_block.ffn_out.weight.copy_(w)
+                    s_block.ffn_out.bias.copy_(b)
+                    h_s = [s_block.ffn_norm(m + s_block.ffn_out(a)) for m, a in zip(mid, acts)]
+                    del acts
+                elif s_block.ffn_size:
+                    h_s = [s_block.ffn_norm(m + s_block.ffn_out(s_block.act(s_block.ffn_in(m)))) for m in mid]
+                else:
+                    h_s = [s_block.ffn_norm(m + s_block.ffn_out.bias) for m in mid]
+                del sums, mid
     finally:
         student.train(was_training)
+    return h_t
+
+
+def teacher_hidden_states(teacher: Encoder, batches: Sequence[Batch]) -> list[Tensor]:
+    """The teacher's last hidden states [B, S, H] per batch (when no refit computed them)."""
+    import torch
+
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        with torch.no_grad():
+            return [teacher.encode(**b.inputs) for b in batches]
+    finally:
+        teacher.train(was_training)
 
 
 def distill(
@@ -182,11 +212,17 @@ def distill(
     lr: float,
     weight_decay: float = 0.01,
     temperature: float = 1.0,
+    hidden: Sequence[Tensor] | None = None,
+    hidden_weight: float = 1.0,
     seed: int = 0,
     progress: bool = False,
 ) -> list[float]:
     """Train all non-embedding weights of ``student`` toward the teacher's outputs for ``steps`` steps.
 
+    ``teacher`` holds the teacher's outputs per batch; ``hidden`` optionally its last hidden
+    states, which add ``hidden_weight x (1 - cosine)`` averaged over every real token: one
+    constraint per token instead of one per text, which generalises better from a small
+    calibration set than the pooled output alone.
     Batches are visited in a seeded random order, epoch after epoch. Returns the loss per step.
     """
     import torch
@@ -206,7 +242,9 @@ def distill(
             if not order:
                 order = torch.randperm(len(batches), generator=generator).tolist()
             index = order.pop()
-            out = student(**batches[index].inputs)
+            batch = batches[index]
+            states = student.encode(**batch.inputs)
+            out = student.head(states, batch.attention_mask)
             target = teacher[index]
             if classification:
                 loss = F.kl_div(
@@ -215,6 +253,10 @@ def distill(
                 ) * temperature**2
             else:
                 loss = (1.0 - F.cosine_similarity(out, target, dim=-1)).mean()
+            if hidden is not None and hidden_weight > 0:
+                real = batch.attention_mask.bool()
+                token_cos = F.cosine_similarity(states[real], hidden[index][real], dim=-1)
+                loss = loss + hidden_weight * (1.0 - token_cos).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -234,15 +276,19 @@ def recover(
     *,
     teacher_score: Sequence[Tensor],
     teacher_eval: Sequence[Tensor],
+    pruned_quality: Quality | None = None,
     seed: int = 0,
     progress: bool = False,
 ) -> list[RecoveryStage]:
     """Apply the configured recovery methods to ``student`` in place, measuring after each.
 
     Fits on ``score_batches``, measures on ``eval_batches``. The first stage, ``pruned``, is the
-    quality before any recovery.
+    quality before any recovery: ``pruned_quality`` when the caller measured it already (the
+    search's last step measures the same masks), else measured here.
     """
-    stages = [RecoveryStage("pruned", fidelity(student, teacher_eval, eval_batches), 0.0)]
+    if pruned_quality is None:
+        pruned_quality = fidelity(student, teacher_eval, eval_batches)
+    stages = [RecoveryStage("pruned", pruned_quality, 0.0)]
 
     def measure(method: str, started: float) -> None:
         stage = RecoveryStage(method, fidelity(student, teacher_eval, eval_batches), time.perf_counter() - started)
@@ -250,21 +296,22 @@ def recover(
         stages.append(stage)
 
     logger.info("pruned, before recovery: %s", stages[0].quality.describe())
-    if config.least_squares:
+    kinds = [kind for kind, on in (("attention", config.least_squares), ("ffn", config.refit_ffn)) if on]
+    hidden: list[Tensor] | None = None
+    if kinds:
         started = time.perf_counter()
-        refit(student, teacher, score_batches, kinds=["attention"], alpha_scale=config.ridge_alpha_scale,
-              progress=progress)
-        measure("attention_refit", started)
-    if config.refit_ffn:
-        started = time.perf_counter()
-        refit(student, teacher, score_batches, kinds=["ffn"], alpha_scale=config.ridge_alpha_scale, progress=progress)
-        measure("ffn_refit", started)
+        hidden = refit(student, teacher, score_batches, kinds=kinds, alpha_scale=config.ridge_alpha_scale,
+                       progress=progress)
+        measure("refit" if len(kinds) == 2 else f"{kinds[0]}_refit", started)
     if config.distills:
         steps = config.distill_steps
         if config.distill_epochs is not None:
             steps = max(1, round(config.distill_epochs * len(score_batches)))
         started = time.perf_counter()
+        if config.distill_hidden_weight > 0 and hidden is None:
+            hidden = teacher_hidden_states(teacher, score_batches)
         distill(student, score_batches, teacher_score, steps=steps, lr=config.lr, weight_decay=config.weight_decay,
-                temperature=config.distill_temperature, seed=seed, progress=progress)
+                temperature=config.distill_temperature, hidden=hidden if config.distill_hidden_weight > 0 else None,
+                hidden_weight=config.distill_hidden_weight, seed=seed, progress=progress)
         measure("distillation", started)
     return stages

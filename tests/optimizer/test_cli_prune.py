@@ -64,7 +64,7 @@ def test_prune_writes_a_loadable_checkpoint_and_record(model: Path, data: Path, 
     assert record["heads_per_layer"] == encoder.spec.heads
     assert [len(k) for k in record["kept_heads"]] == encoder.spec.heads
     stages = [s["method"] for s in record["quality"]["stages"]]
-    assert stages == ["pruned", "attention_refit", "ffn_refit", "distillation"]
+    assert stages == ["pruned", "refit", "distillation"]
     assert record["quality"]["after_recovery"]["mean_cosine"] > record["quality"]["before_recovery"]["mean_cosine"]
     assert record["params"]["after"] < record["params"]["before"]
     assert record["flops"]["after"] < record["flops"]["before"]
