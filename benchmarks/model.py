@@ -340,9 +340,12 @@ def build_artifacts(cfg: BenchConfig) -> tuple[dict[str, Path], list[str]]:
     for preset in cfg.presets:
         dest = cfg.artifact_cache / preset
         record_file = cfg.artifact_cache / f"{preset}.build.json"
-        stale = record_file.is_file() and json.loads(record_file.read_text()).get("optimizer") != fingerprint
+        # No build record means nobody knows which optimizer code built it: rebuild as well.
+        stale = (dest / "manifest.json").is_file() and (
+            not record_file.is_file() or json.loads(record_file.read_text()).get("optimizer") != fingerprint
+        )
         if stale:
-            logger.info("cached %s was built by other optimizer code; rebuilding", dest)
+            logger.info("cached %s was built by other (or unknown) optimizer code; rebuilding", dest)
         if stale or not (dest / "manifest.json").is_file():
             if dest.exists():
                 shutil.rmtree(dest)
