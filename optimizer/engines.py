@@ -252,12 +252,6 @@ def measure_engines(
     )["graph"]
 
 
-def batched_latency_key(entry: Mapping[str, Any]) -> str | None:
-    """The latency key of the largest measured shape (the server runs batches), e.g. ``latency_b32x128_ms``."""
-    keys = sorted((k for k in entry if k.startswith("latency_b") and k.endswith("_ms")), key=_shape_size)
-    return keys[-1] if keys else None
-
-
 @dataclass
 class Choice:
     """The chosen (graph, engine) pair and, for every pair measured, why it was or was not chosen."""
@@ -274,6 +268,7 @@ GEOMEAN = "geomean"
 
 
 def _latency_keys(entry: Mapping[str, Any]) -> list[str]:
+    """The entry's ``latency_b{B}x{S}_ms`` keys, smallest shape first."""
     return sorted((k for k in entry if k.startswith("latency_b") and k.endswith("_ms")), key=_shape_size)
 
 
@@ -415,7 +410,6 @@ __all__ = [
     "Choice",
     "Scorer",
     "available_engines",
-    "batched_latency_key",
     "best_engine",
     "bf16_supported",
     "choose",

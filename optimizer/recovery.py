@@ -58,6 +58,13 @@ class RecoveryStage:
         return {"method": self.method, "quality": self.quality.to_dict(), "seconds": round(self.seconds, 2)}
 
 
+def _refit_linear(linear: nn.Linear, inputs: list[Tensor], targets: list[Tensor], alpha_scale: float) -> None:
+    """Replace ``linear``'s weight and bias in place by :func:`ridge_solve` of ``inputs -> targets``."""
+    weight, bias = ridge_solve(inputs, targets, linear.weight, linear.bias, alpha_scale)
+    linear.weight.copy_(weight)
+    linear.bias.copy_(bias)
+
+
 def ridge_solve(
     xs: Sequence[Tensor], ys: Sequence[Tensor], weight: Tensor, bias: Tensor, alpha_scale: float
 ) -> tuple[Tensor, Tensor]:
@@ -157,13 +164,10 @@ def refit(
                 attn = s_block.attention
                 if "attention" in kinds and attn.num_heads:
                     contexts = [_context(s_block, h, bias) for h, bias in zip(h_s, biases)]
-                    w, b = ridge_solve(
-                        [c[m] for c, m in zip(contexts, real)],
-                        [(t_sum - h)[m] for (t_sum, _, _), h, m in zip(sums, h_s, real)],
-                        attn.o.weight, attn.o.bias, alpha_scale,
+                    _refit_linear(
+                        attn.o, [c[m] for c, m in zip(contexts, real)],
+                        [(t_sum - h)[m] for (t_sum, _, _), h, m in zip(sums, h_s, real)], alpha_scale,
                     )
-                    attn.o.weight.copy_(w)
-                    attn.o.bias.copy_(b)
                     mid = [s_block.attn_norm(h + attn.o(c)) for h, c in zip(h_s, contexts)]
                     del contexts
                 else:
@@ -171,13 +175,10 @@ def refit(
                 # FFN: mid + ffn_out(act(ffn_in(mid))) should match the teacher's ffn_norm input.
                 if "ffn" in kinds and s_block.ffn_size:
                     acts = [s_block.act(s_block.ffn_in(m)) for m in mid]
-                    w, b = ridge_solve(
-                        [a[m] for a, m in zip(acts, real)],
-                        [(t_sum - h)[m] for (_, t_sum, _), h, m in zip(sums, mid, real)],
-                        s_block.ffn_out.weight, s_block.ffn_out.bias, alpha_scale,
+                    _refit_linear(
+                        s_block.ffn_out, [a[m] for a, m in zip(acts, real)],
+                        [(t_sum - h)[m] for (_, t_sum, _), h, m in zip(sums, mid, real)], alpha_scale,
                     )
-                    s_block.ffn_out.weight.copy_(w)
-                    s_block.ffn_out.bias.copy_(b)
                     h_s = [s_block.ffn_norm(m + s_block.ffn_out(a)) for m, a in zip(mid, acts)]
                     del acts
                 elif s_block.ffn_size:
