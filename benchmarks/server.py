@@ -3,7 +3,9 @@
 Three things serve the same artifact (same ONNX Runtime session options, same tokenizer, same
 thread count, same batching limits):
 
-* ``pruneserve serve`` (our server);
+* ``pruneserve serve --engine onnxruntime`` (our server, on the same engine as the other two;
+  when the artifact's manifest recommends another engine, ``pruneserve-<engine>`` rows show
+  the server as ``serve`` runs it by default, for information);
 * Triton Inference Server 2.51 from the ``nvidia-pytriton`` wheel, whose Python backend wraps
   the artifact's session + tokenizer behind Triton's dynamic batcher (``triton_peer.py``, run in
   its own venv under ``benchmarks/.peers/`` so its ``numpy<2`` pin cannot touch ours);
@@ -390,6 +392,20 @@ def pick_artifact(artifacts: dict[str, Path]) -> tuple[str, Path]:
     return label, artifacts[label]
 
 
+def server_runs(servers: Sequence[str], manifest: dict[str, Any]) -> list[tuple[str, str, list[str]]]:
+    """(row label, server kind, extra arguments) for every server run of the comparison.
+
+    pruneserve runs on ONNX Runtime, so it, Triton and the in-process ceiling time the same
+    session and the targets compare servers, not engines. When the manifest recommends another
+    engine, one more run shows pruneserve as ``serve`` runs that artifact by default.
+    """
+    runs = [(kind, kind, ["--engine", "onnxruntime"] if kind == "pruneserve" else []) for kind in servers]
+    recorded = (manifest.get("runtime") or {}).get("engine")
+    if "pruneserve" in servers and recorded and recorded != "onnxruntime":
+        runs.append((f"pruneserve-{recorded}", "pruneserve", ["--engine", str(recorded)]))
+    return runs
+
+
 def run_server_bench(
     cfg: BenchConfig, artifacts: dict[str, Path], servers: Sequence[str] = ("pruneserve", "triton")
 ) -> tuple[list[dict[str, Any]], list[str]]:
@@ -404,6 +420,7 @@ def run_server_bench(
     settings = LoadSettings.for_mode(cfg.quick)
     pa = ensure_perf_analyzer()
 
+    runs = server_runs(servers, json.loads((artifact / "manifest.json").read_text()))
     rows: list[dict[str, Any]] = []
     seconds = min(20.0, settings.interval_ms / 1000 * settings.max_trials)
     # The ceiling is measured once up front and again right before each server's load at the
@@ -413,16 +430,16 @@ def run_server_bench(
     ceilings: dict[int, list[dict[str, Any]]] = {
         c: [inprocess_ceiling(artifact, cfg.threads, texts, c, seconds)] for c in CONCURRENCIES
     }
-    for kind in servers:
+    for name, kind, extra in runs:
         try:
-            with serving(kind, artifact, model, cfg.threads, work) as srv:
+            with serving(kind, artifact, model, cfg.threads, work, extra) as srv:
                 for c in CONCURRENCIES:
                     ceilings[c].append(inprocess_ceiling(artifact, cfg.threads, texts, c, seconds))
-                    row = run_perf_analyzer(pa, srv, c, input_json, settings, work / f"{kind}_c{c}.csv")
-                    rows.append({"server": kind, "concurrency": c, **row})
+                    row = run_perf_analyzer(pa, srv, c, input_json, settings, work / f"{name}_c{c}.csv")
+                    rows.append({"server": name, "concurrency": c, "engine_args": " ".join(extra), **row})
         except BenchmarkError as exc:
-            logger.error("%s: %s", kind, exc)
-            notes.append(f"{kind} could not be measured: {str(exc).splitlines()[0]}")
+            logger.error("%s: %s", name, exc)
+            notes.append(f"{name} could not be measured: {str(exc).splitlines()[0]}")
     rows[:0] = [{"server": "in-process", "concurrency": c, **_median_ceiling(ceilings[c])} for c in CONCURRENCIES]
     _add_ratios(rows)
     for r in rows:

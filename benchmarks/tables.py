@@ -219,8 +219,11 @@ def server_section(rows: Sequence[Mapping[str, Any]], notes: Sequence[str]) -> s
             f"{r0.get('max_batch_size')}, max queue delay {r0.get('max_queue_delay_ms')} ms, 127.0.0.1. Load: "
             "perf_analyzer (tritonclient 2.50.0 wheel) over gRPC, one real sentence per request. Mean batch = the "
             "server's own counters (inferences / executions). In-process = the same texts in full batches of "
-            "`concurrency`, tokenized and run straight through ONNX Runtime. `stable` = perf_analyzer's stability "
-            "check passed (quick runs skip it)."
+            "`concurrency`, tokenized and run straight through ONNX Runtime. `pruneserve` runs with `--engine "
+            "onnxruntime`, so it, Triton and the in-process ceiling time the same ONNX Runtime session and the "
+            "targets compare servers, not engines; a `pruneserve-<engine>` row is the server on the engine the "
+            "artifact's manifest recommends (as `serve` runs it by default), for information. `stable` = "
+            "perf_analyzer's stability check passed (quick runs skip it)."
         )
     parts.append("\n" + targets_table(rows))
     if notes:

@@ -29,7 +29,8 @@ FLAG_SECTIONS: dict[str, dict[str, str]] = {
                    "score_examples": "max_examples"},
     "budget": {n: n for n in ("head_fraction", "ffn_fraction", "quality_floor", "step_fraction", "cost",
                               "protected_layers")},
-    "recovery": {n: n for n in ("refit_ffn", "ridge_alpha_scale", "distill_steps", "distill_epochs", "lr")},
+    "recovery": {n: n for n in ("refit_ffn", "ridge_alpha_scale", "distill_steps", "distill_epochs", "lr",
+                                "lr_schedule", "distill_hidden_weight")},
 }
 
 

@@ -102,7 +102,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                           help="distillation steps after the refit (0 = none)")
     recovery.add_argument("--distill-epochs", type=float, dest="distill_epochs", metavar="E",
                           help="distillation passes over the scoring data (instead of --distill-steps)")
-    recovery.add_argument("--lr", type=float, help="distillation learning rate (default 1e-4)")
+    recovery.add_argument("--lr", type=float, help="distillation peak learning rate (default 1.5e-4)")
+    recovery.add_argument("--lr-schedule", choices=("cosine", "constant"), dest="lr_schedule",
+                          help="cosine: decay the rate to 0 over the steps (default); constant: keep it")
+    recovery.add_argument("--distill-hidden-weight", type=float, dest="distill_hidden_weight", metavar="W",
+                          help="weight of the token-level term (last hidden states) beside the pooled "
+                               "output (default 1; 0 = pooled output only)")
     prune.add_argument("--out", required=True, type=Path, help="folder for the pruned checkpoint and report")
     prune.set_defaults(func=run_prune)
 

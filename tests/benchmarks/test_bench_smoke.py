@@ -158,6 +158,20 @@ def test_server_targets_verdicts() -> None:
     assert "**behind**" in tables.targets_table(rows)
 
 
+def test_server_runs_time_one_engine_and_add_the_recorded_one() -> None:
+    from benchmarks.server import server_runs
+
+    on_ov = {"runtime": {"engine": "openvino", "precision": "f32"}}
+    assert server_runs(("pruneserve", "triton"), on_ov) == [
+        ("pruneserve", "pruneserve", ["--engine", "onnxruntime"]),
+        ("triton", "triton", []),
+        ("pruneserve-openvino", "pruneserve", ["--engine", "openvino"]),
+    ]
+    assert [r[0] for r in server_runs(("pruneserve", "triton"), {"runtime": {"engine": "onnxruntime"}})] == [
+        "pruneserve", "triton"]
+    assert [r[0] for r in server_runs(("triton",), on_ov)] == ["triton"]
+
+
 def test_stage_timings_are_found_anywhere_in_the_manifest() -> None:
     manifest = {"name": "m", "pruning": {"stages": [{"name": "load", "seconds": 1.5, "peak_rss_mb": 300.0},
                                                    {"name": "prune", "seconds": 20, "peak_rss_mb": 900.0}]}}

@@ -90,6 +90,16 @@ def test_config_file_then_flags(model: Path, data: Path, tmp_path: Path) -> None
     assert [s["method"] for s in record["quality"]["stages"]] == ["pruned"]
 
 
+def test_recovery_flags_reach_the_config(model: Path, data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pruned"
+    code = main(["prune", *_common(model, data), "--heads", "0.25", "--no-ffn-refit", "--distill-steps", "2",
+                 "--lr", "3e-4", "--lr-schedule", "constant", "--distill-hidden-weight", "0.5", "--out", str(out)])
+    assert code == 0
+    recovery = load_pruned(out)[1]["record"]["config"]["recovery"]
+    assert (recovery["lr"], recovery["lr_schedule"], recovery["distill_hidden_weight"]) == (3e-4, "constant", 0.5)
+    assert recovery["refit_ffn"] is False and recovery["distill_steps"] == 2
+
+
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [

@@ -136,3 +136,33 @@ def test_token_level_distillation_lowers_the_loss_and_helps_held_out(embedder: L
     losses = distill(student, score, t_score, steps=40, lr=1e-3, hidden=hidden, hidden_weight=1.0, seed=0)
     assert sum(losses[-8:]) < 0.8 * sum(losses[:8]), losses
     assert fidelity(student, t_eval, evaluation).mean_cosine > before
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_learning_rate_schedule(
+    embedder: LoadedModel, schedule: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    teacher = embedder.encoder
+    score, _ = _splits(embedder)
+    seen: list[float] = []
+    step = torch.optim.AdamW.step
+
+    def spy(self: torch.optim.AdamW, *args: object, **kwargs: object) -> object:
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    distill(prune(teacher, PLAN), score, teacher_outputs(teacher, score), steps=10, lr=1e-3, schedule=schedule)
+    assert len(seen) == 10 and seen[0] == pytest.approx(1e-3)
+    if schedule == "constant":
+        assert seen == [pytest.approx(1e-3)] * 10
+    else:  # half a cosine wave: strictly falling, the last step nearly at 0
+        assert all(a > b for a, b in zip(seen, seen[1:])), seen
+        assert seen[-1] < 0.03 * 1e-3
+
+
+def test_unknown_schedule_is_refused() -> None:
+    from pruneserve.optimizer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"recovery.lr_schedule='linear' is not one of 'constant', 'cosine'"):
+        RecoveryConfig(lr_schedule="linear")  # type: ignore[arg-type]
