@@ -425,7 +425,8 @@ def quality_data(tokenizer: Any, quick: bool) -> tuple[list[str], list[TokenBatc
         TokenBatch(f["input_ids"], f["attention_mask"], f.get("token_type_ids", np.zeros_like(f["input_ids"])), ())
         for f in feeds
     ]
-    return split.eval.texts[: 64 if quick else 256], calibration
+    # Full runs measure on the whole held-out split, the same texts the optimizer reports on.
+    return split.eval.texts[:64] if quick else split.eval.texts, calibration
 
 
 # -- measurements ------------------------------------------------------------------------
