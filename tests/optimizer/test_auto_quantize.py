@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from prune_testing import quick_optimize_config
 
 from pruneserve.artifact import Manifest, load_artifact
 from pruneserve.optimizer.engines import available_engines
@@ -25,19 +26,10 @@ TOLERANCE = 1e-4
 INT8 = ("dynamic", "static")
 
 
-def auto_config(model: Path, out: Path, **overrides: Any) -> OptimizeConfig:
-    """A quick auto run: little data, attention refit only, tiny shapes, 2 timing rounds, no baselines."""
-    raw: dict[str, Any] = {
-        "out": str(out),
-        "model": str(model),
-        "quality_floor": None,
-        "prune": {"data": {"max_examples": 48, "batch_size": 16},
-                  "recovery": {"least_squares": True, "refit_ffn": False, "distill_steps": 0}},
-        "validate": {"latency_shapes": [[1, 8], [4, 16]], "warmup": 0, "repeats": 1, "engine_rounds": 2,
-                     "baselines": False},
-    }
-    raw.update(overrides)
-    return OptimizeConfig.from_dict(raw)
+def auto_config(model: Path, out: Path, *, validate: dict[str, Any] | None = None, **overrides: Any) -> OptimizeConfig:
+    """The shared quick config with this file's shapes and no baselines (auto measures every engine)."""
+    return quick_optimize_config(model, out, latency_shapes=((1, 8), (4, 16)),
+                                 validate={"baselines": False, **(validate or {})}, **overrides)
 
 
 def _pairs(m: Manifest) -> list[tuple[str, str, dict[str, Any]]]:

@@ -14,6 +14,8 @@ import torch
 import yaml
 from tokenizers import Tokenizer
 
+from prune_testing import quick_optimize_config
+
 from pruneserve.artifact import load_artifact, sha256_file
 from pruneserve.optimizer.adapters import load_model
 from pruneserve.optimizer.errors import ConfigError
@@ -22,25 +24,11 @@ from pruneserve.optimizer.pipeline import OptimizeConfig, OptimizeResult, run_op
 TinyModelFactory = Callable[..., Path]
 
 
-def tiny_config(model: Path, out: Path, **overrides: object) -> OptimizeConfig:
-    """A quick run: little data, attention refit only, tiny latency shapes."""
-    raw: dict[str, object] = {
-        "out": str(out),
-        "model": str(model),
-        "quality_floor": None,
-        "prune": {"data": {"max_examples": 48, "batch_size": 16},
-                  "recovery": {"least_squares": True, "refit_ffn": False, "distill_steps": 0}},
-        "validate": {"latency_shapes": [[1, 8], [2, 16]], "warmup": 0, "repeats": 1, "engine_rounds": 2},
-    }
-    raw.update(overrides)
-    return OptimizeConfig.from_dict(raw)
-
-
 @pytest.fixture(scope="module")
 def result(tiny_model_dir: TinyModelFactory, tmp_path_factory: pytest.TempPathFactory) -> OptimizeResult:
     out = tmp_path_factory.mktemp("pipeline") / "artifact"
     # An explicit mode: forced, whatever the measurements say (auto is tested in test_auto_quantize.py).
-    config = tiny_config(tiny_model_dir("bert", "embedding"), out, with_reference=True, quantize={"mode": "dynamic"})
+    config = quick_optimize_config(tiny_model_dir("bert", "embedding"), out, with_reference=True, quantize={"mode": "dynamic"})
     return run_optimize(config, progress=False)
 
 
@@ -146,8 +134,8 @@ def test_interrupted_write_leaves_nothing(tiny_model_dir: TinyModelFactory, tmp_
 
     monkeypatch.setattr(artifact_module.shutil, "copyfile", copy_then_interrupt)
     out = tmp_path / "out"
-    config = tiny_config(tiny_model_dir("bert", "embedding"), out,
-                         validate={"baselines": False, "latency_shapes": [[1, 8]], "warmup": 0, "repeats": 1})
+    config = quick_optimize_config(tiny_model_dir("bert", "embedding"), out,
+                                   validate={"baselines": False, "latency_shapes": [[1, 8]], "warmup": 0, "repeats": 1})
     with pytest.raises(KeyboardInterrupt):
         run_optimize(config, progress=False)
     assert len(calls) == 3
@@ -159,7 +147,7 @@ def test_existing_out_fails_before_any_work(tiny_model_dir: TinyModelFactory, tm
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(ConfigError, match="--overwrite"):
-        run_optimize(tiny_config(Path("/nonexistent/model"), out))
+        run_optimize(quick_optimize_config(Path("/nonexistent/model"), out))
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
@@ -212,8 +200,8 @@ def test_budget_floor_is_the_artifact_floor() -> None:
 
 def test_tensorrt_target_gives_a_calibrated_batch_invariant_artifact(tiny_model_dir: TinyModelFactory,
                                                                      tmp_path: Path) -> None:
-    config = tiny_config(tiny_model_dir("bert", "embedding"), tmp_path / "trt", target="tensorrt",
-                         validate={"baselines": False, "latency_shapes": [[1, 8]], "warmup": 0, "repeats": 1})
+    config = quick_optimize_config(tiny_model_dir("bert", "embedding"), tmp_path / "trt", target="tensorrt",
+                                   validate={"baselines": False, "latency_shapes": [[1, 8]], "warmup": 0, "repeats": 1})
     m = run_optimize(config, progress=False).artifact.manifest
     assert m.quantization["mode"] == "static" and m.quantization["source_graph"] == "unfused"
     assert m.quantization["calibration_size"] == 36  # one text per feed, from the 36 scoring texts
