@@ -26,7 +26,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--quick", action="store_const", const="quick", dest="mode", help="few repetitions (minutes)")
-    mode.add_argument("--full", action="store_const", const="full", dest="mode", help="stable medians (~30 min)")
+    mode.add_argument("--full", action="store_const", const="full", dest="mode", help="stable medians (~40 min on 2 cores)")
     p.add_argument("--only", default="model,server,shadow,optimizer,scaling", help="comma-separated benchmarks to run")
     p.add_argument("--out", type=Path, default=DEFAULT_RESULTS, help="results folder (default benchmarks/results)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="ONNX Runtime / torch threads")
@@ -99,6 +99,7 @@ def run(cfg: BenchConfig, markdown: Path | None) -> int:
         return artifacts
 
     if "model" in cfg.only:
+        sections["pruning"] = _guard("pruning", failed, lambda: tables.pruning_section(get_artifacts()))
         sections["model"] = _guard("model", failed, lambda: _model(cfg, get_artifacts(), artifact_notes))
     if "server" in cfg.only:
         sections["server"] = _guard("server", failed, lambda: _server(cfg, get_artifacts()))

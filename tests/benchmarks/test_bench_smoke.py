@@ -172,6 +172,28 @@ def test_server_runs_time_one_engine_and_add_the_recorded_one() -> None:
     assert [r[0] for r in server_runs(("triton",), on_ov)] == ["triton"]
 
 
+def test_pruning_section_lists_every_recovery_stage(tmp_path: Path) -> None:
+    def stage(method: str, mean: float, seconds: float) -> dict[str, object]:
+        return {"method": method, "quality": {"mean_cosine": mean, "min_cosine": mean - 0.2}, "seconds": seconds}
+
+    record = {
+        "heads_per_layer": [5, 3], "ffn_per_layer": [1536, 1000], "flops": {"before": 100.0, "after": 80.0},
+        "config": {"recovery": {"distill_steps": 300, "lr": 1.5e-4, "lr_schedule": "cosine"}},
+        "quality": {"stages": [stage("pruned", 0.83, 0.0), stage("refit", 0.962, 37.0),
+                               stage("distillation", 0.9706, 145.0)]},
+    }  # fmt: skip
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "pruning.json").write_text(json.dumps(record))
+    (tmp_path / "b").mkdir()  # an artifact without a pruning record is left out
+    text = tables.pruning_section({"pruneserve-default": tmp_path / "a", "plain": tmp_path / "b"})
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert len(rows) == 3 and all("`pruneserve-default` | 5/3 | 2536 | 20%" in r for r in rows)
+    assert "| pruned | 0.8300 (0.630) |" in rows[0] and "| + refit | 0.9620 (0.762) | 37.0 |" in rows[1]
+    assert "+ distillation (300 steps, cosine rate from 1.5e-04) | 0.9706 (0.771) | 145.0 |" in rows[2]
+    assert "plain" not in text
+    assert tables.pruning_section({"plain": tmp_path / "b"}).startswith("_No artifact")
+
+
 def test_stage_timings_are_found_anywhere_in_the_manifest() -> None:
     manifest = {"name": "m", "pruning": {"stages": [{"name": "load", "seconds": 1.5, "peak_rss_mb": 300.0},
                                                    {"name": "prune", "seconds": 20, "peak_rss_mb": 900.0}]}}
