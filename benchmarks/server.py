@@ -412,7 +412,8 @@ def run_server_bench(
     """Measure every server and the in-process ceiling at each concurrency; write server.csv/json."""
     notes: list[str] = []
     label, artifact = pick_artifact(artifacts)
-    model = json.loads((artifact / "manifest.json").read_text())["name"]
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    model = manifest["name"]
     texts = load_corpus()[:256]
     work = cfg.out_dir / "server"
     work.mkdir(parents=True, exist_ok=True)
@@ -420,7 +421,7 @@ def run_server_bench(
     settings = LoadSettings.for_mode(cfg.quick)
     pa = ensure_perf_analyzer()
 
-    runs = server_runs(servers, json.loads((artifact / "manifest.json").read_text()))
+    runs = server_runs(servers, manifest)
     rows: list[dict[str, Any]] = []
     seconds = min(20.0, settings.interval_ms / 1000 * settings.max_trials)
     # The ceiling is measured once up front and again right before each server's load at the

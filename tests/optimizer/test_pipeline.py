@@ -28,7 +28,8 @@ TinyModelFactory = Callable[..., Path]
 def result(tiny_model_dir: TinyModelFactory, tmp_path_factory: pytest.TempPathFactory) -> OptimizeResult:
     out = tmp_path_factory.mktemp("pipeline") / "artifact"
     # An explicit mode: forced, whatever the measurements say (auto is tested in test_auto_quantize.py).
-    config = quick_optimize_config(tiny_model_dir("bert", "embedding"), out, with_reference=True, quantize={"mode": "dynamic"})
+    config = quick_optimize_config(tiny_model_dir("bert", "embedding"), out, with_reference=True,
+                                   quantize={"mode": "dynamic"})
     return run_optimize(config, progress=False)
 
 
@@ -134,8 +135,8 @@ def test_interrupted_write_leaves_nothing(tiny_model_dir: TinyModelFactory, tmp_
 
     monkeypatch.setattr(artifact_module.shutil, "copyfile", copy_then_interrupt)
     out = tmp_path / "out"
-    config = quick_optimize_config(tiny_model_dir("bert", "embedding"), out,
-                                   validate={"baselines": False, "latency_shapes": [[1, 8]], "warmup": 0, "repeats": 1})
+    config = quick_optimize_config(tiny_model_dir("bert", "embedding"), out, latency_shapes=[[1, 8]],
+                                   validate={"baselines": False})
     with pytest.raises(KeyboardInterrupt):
         run_optimize(config, progress=False)
     assert len(calls) == 3
@@ -201,7 +202,7 @@ def test_budget_floor_is_the_artifact_floor() -> None:
 def test_tensorrt_target_gives_a_calibrated_batch_invariant_artifact(tiny_model_dir: TinyModelFactory,
                                                                      tmp_path: Path) -> None:
     config = quick_optimize_config(tiny_model_dir("bert", "embedding"), tmp_path / "trt", target="tensorrt",
-                                   validate={"baselines": False, "latency_shapes": [[1, 8]], "warmup": 0, "repeats": 1})
+                                   latency_shapes=[[1, 8]], validate={"baselines": False})
     m = run_optimize(config, progress=False).artifact.manifest
     assert m.quantization["mode"] == "static" and m.quantization["source_graph"] == "unfused"
     assert m.quantization["calibration_size"] == 36  # one text per feed, from the 36 scoring texts
