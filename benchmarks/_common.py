@@ -234,21 +234,23 @@ def percentile(xs: Sequence[float], q: float) -> float:
 # -- ONNX Runtime --------------------------------------------------------------------------
 
 
-def ort_session(path: Path, threads: int) -> Any:
-    """A CPU session with intra-op spinning off.
+def ort_session(path: Path, threads: int, spinning: str = "off") -> Any:
+    """A CPU session; intra-op spinning ``off`` unless asked (``run`` | ``always``, as ``serve``).
 
     Spinning workers of one session steal the cores another session needs when two are timed
-    in one process (measured: 2.5 ms vs 6.5 ms for the same model), so every session here
-    yields its threads when idle.
+    in one process (measured: 2.5 ms vs 6.5 ms for the same model), so sessions timed beside
+    others yield their threads when idle. The server's ceiling takes the server's own mode.
     """
     import onnxruntime as ort
+
+    from pruneserve.server.runtime import spinning_entries
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    for key, value in spinning_entries(spinning).items():
+        opts.add_session_config_entry(key, value)
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 

@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from pruneserve.server.config import ServeConfig
+
 from benchmarks._common import (
     BENCH_DIR,
     PEERS_DIR,
@@ -60,6 +62,9 @@ TRITON_VENV = PEERS_DIR / "triton-venv"
 PERF_ANALYZER_DIR = PEERS_DIR / "perf_analyzer"
 MAX_BATCH_SIZE = 32
 MAX_QUEUE_DELAY_MS = 2.0
+#: ONNX Runtime intra-op spinning for every server and the in-process ceiling alike, so they
+#: time the same session: ``pruneserve serve``'s default.
+SPINNING: str = ServeConfig.__dataclass_fields__["intra_op_spinning"].default
 READY_TIMEOUT_S = 180.0
 #: A stability threshold no two windows can miss: perf_analyzer then reports after its trials.
 NO_STABILITY = 1000
@@ -205,7 +210,7 @@ def serving(
     """Start ``kind`` ('pruneserve' or 'triton') on free 127.0.0.1 ports; always stop it afterwards.
 
     ``extra_args`` are appended to ``pruneserve serve`` (e.g. ``--shadow-rate 0.01``) or to
-    ``triton_peer.py`` (e.g. ``--ort-spinning``).
+    ``triton_peer.py`` (e.g. ``--intra-op-spinning always``).
     """
     grpc_port, metrics_port = free_port(), free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -213,7 +218,7 @@ def serving(
     common = [
         "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
         "--max-batch-size", str(MAX_BATCH_SIZE), "--max-queue-delay-ms", str(MAX_QUEUE_DELAY_MS),
-        "--threads", str(threads),
+        "--threads", str(threads), "--intra-op-spinning", SPINNING,
     ]  # fmt: skip
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     if kind == "pruneserve":
@@ -333,7 +338,7 @@ def _parse_pa_csv(path: Path) -> dict[str, Any]:
 
 
 def inprocess_ceiling(
-    artifact: Path, threads: int, texts: Sequence[str], concurrency: int, seconds: float
+    artifact: Path, threads: int, texts: Sequence[str], concurrency: int, seconds: float, spinning: str = SPINNING
 ) -> dict[str, Any]:
     """The same texts in full batches of ``concurrency``, tokenized and run straight through ONNX Runtime.
 
@@ -346,7 +351,7 @@ def inprocess_ceiling(
     tok = Tokenizer.from_file(str(artifact / (man.get("tokenizer_file") or "tokenizer.json")))
     tok.enable_truncation(int(man["max_sequence_length"]))
     tok.enable_padding()
-    sess = ort_session(artifact / man.get("model_file", "model.onnx"), threads)
+    sess = ort_session(artifact / man.get("model_file", "model.onnx"), threads, spinning)
     names = [i.name for i in sess.get_inputs()]
     out_name = sess.get_outputs()[0].name
 
@@ -380,7 +385,7 @@ def inprocess_ceiling(
         "p99_ms": percentile(lat, 99),
         "mean_batch_size": float(concurrency),
         "stable": True,
-        "command": f"in-process: tokenizers + onnxruntime, {threads} threads, batches of {concurrency}",
+        "command": f"in-process: tokenizers + onnxruntime, {threads} threads, spinning {spinning}, batches of {concurrency}",
     }
 
 

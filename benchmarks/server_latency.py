@@ -22,7 +22,7 @@ Besides perf_analyzer's throughput and latency percentiles it records:
 
 Servers get the same flags as in ``benchmarks/server.py`` (threads, max batch, queue delay);
 a variant adds pruneserve flags (e.g. ``queue-delay=--no-dispatch-when-idle``), a Triton variant
-``triton_peer.py`` flags (e.g. ``triton-spin=--ort-spinning``). Results go
+``triton_peer.py`` flags (e.g. ``triton-spin=--intra-op-spinning always``). Results go
 to ``benchmarks/results/server_latency.json`` (or ``--out``) and a table is printed.
 """
 
@@ -46,6 +46,7 @@ from typing import Any
 
 from benchmarks._common import DEFAULT_RESULTS, load_corpus
 from benchmarks.server import (
+    SPINNING,
     LoadSettings,
     ServerProcess,
     _parse_pa_csv,
@@ -149,6 +150,7 @@ def run(
     out: Path,
     triton: bool = True,
     triton_variants: dict[str, list[str]] | None = None,
+    ceiling_spinning: Sequence[str] = (SPINNING,),
 ) -> dict[str, Any]:
     """Start every server, interleave the loads for ``rounds`` rounds; returns (and writes) the results."""
     manifest = json.loads((artifact / "manifest.json").read_text())
@@ -169,15 +171,16 @@ def run(
             servers["triton"] = stack.enter_context(serving("triton", artifact, model, threads, work / "triton"))
         for name, args in (triton_variants or {}).items():
             servers[name] = stack.enter_context(serving("triton", artifact, model, threads, work / name, args))
-        order = [*servers, "in-process"]
+        ceilings = {("in-process" if m == ceiling_spinning[0] else f"in-process-{m}"): m for m in ceiling_spinning}
+        order = [*servers, *ceilings]
         for r in range(rounds):
             loads.append(uptime())
             logger.info("round %d/%d: %s", r + 1, rounds, loads[-1])
             rotated = order[r % len(order) :] + order[: r % len(order)]
             for c in concurrencies:
                 for name in rotated:
-                    if name == "in-process":
-                        row = inprocess_ceiling(artifact, threads, texts, c, seconds * 3)
+                    if name in ceilings:
+                        row = inprocess_ceiling(artifact, threads, texts, c, seconds * 3, ceilings[name])
                     else:
                         row = measure(pa, servers[name], c, input_json, settings, work / f"{name}_c{c}.csv")
                     row["load"] = loads[-1].split("load average:")[-1].strip()
@@ -322,9 +325,14 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     p.add_argument(
         "--triton-variant", action="append", default=[], metavar="NAME=ARGS",
-        help="a Triton peer variant with extra triton_peer.py flags, e.g. triton-spin=--ort-spinning (repeatable)",
+        help="a Triton peer variant with extra triton_peer.py flags, e.g. triton-spin=--intra-op-spinning always (repeatable)",
     )  # fmt: skip
     p.add_argument("--no-triton", action="store_true")
+    p.add_argument(
+        "--ceiling-spinning", default=SPINNING, metavar="MODES",
+        help="intra-op spinning of the in-process ceiling, comma-separated (off,run,always); the first is "
+             "the one every p50 is compared with, the others are extra rows",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, default=DEFAULT_RESULTS / "server_latency.json")
     p.add_argument("--stages", action="store_true", help="only time one request's stages in the data plane (no gRPC)")
     args = p.parse_args(argv)
@@ -345,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = run(
         args.artifact, args.threads, variants, [int(c) for c in args.concurrency.split(",")],
         args.rounds, args.seconds, args.out, triton=not args.no_triton, triton_variants=triton_variants,
+        ceiling_spinning=args.ceiling_spinning.split(","),
     )  # fmt: skip
     print(table(payload))
     print("load:", *payload["loads"], sep="\n  ")

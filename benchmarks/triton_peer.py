@@ -47,7 +47,7 @@ def _prepend_libdir() -> None:
 class ArtifactModel:
     """The artifact's ONNX Runtime session and tokenizer, used exactly as the server uses them."""
 
-    def __init__(self, artifact: Path, threads: int, spinning: bool = False) -> None:
+    def __init__(self, artifact: Path, threads: int, spinning: str = "off") -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -64,12 +64,12 @@ class ArtifactModel:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # The same session options as pruneserve's engine (server/runtime.py) and the in-process
-        # ceiling: idle intra-op threads sleep instead of spinning, so they leave the two shared
-        # cores to the gRPC threads and the client between runs.
-        # (--ort-spinning restores ONNX Runtime's default, to measure what that costs.)
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        opts.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
+        # The same session options as pruneserve's engine and the in-process ceiling, mapped as
+        # pruneserve.server.runtime.spinning_entries maps them (this file runs in Triton's venv,
+        # without pruneserve): the harness passes every server the same --intra-op-spinning.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0" if spinning == "off" else "1")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.force_spinning_stop", "1" if spinning == "run" else "0")
         self.session = ort.InferenceSession(
             str(artifact / manifest.get("model_file", "model.onnx")), opts, providers=["CPUExecutionProvider"]
         )
@@ -97,8 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--model-name", default=None, help="defaults to the manifest's name")
     p.add_argument(
-        "--ort-spinning", action="store_true",
-        help="let idle ONNX Runtime threads spin (its default; off by default here, as in pruneserve)",
+        "--intra-op-spinning", choices=("off", "run", "always"), default="off",
+        help="ONNX Runtime intra-op threads waiting for work, as `pruneserve serve --intra-op-spinning`: "
+             "off = sleep, run = spin only inside a run, always = ONNX Runtime's default",
     )  # fmt: skip
     return p.parse_args(argv)
 
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig
 
-    model = ArtifactModel(args.artifact, args.threads, spinning=args.ort_spinning)
+    model = ArtifactModel(args.artifact, args.threads, spinning=args.intra_op_spinning)
     name = args.model_name or model.name
 
     @batch

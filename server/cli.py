@@ -36,7 +36,7 @@ def _int_csv(value: str) -> list[int]:
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``serve`` and ``infer``."""
-    from pruneserve.server.config import ServeConfig
+    from pruneserve.server.config import SPINNING_MODES, ServeConfig
 
     defaults = ServeConfig.__dataclass_fields__
 
@@ -84,6 +84,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--threads", type=int, help="ONNX Runtime intra-op threads per session (default: cores / workers)"
     )
     serve.add_argument("--workers", type=int, help=f"engine runs at the same time (default {default('workers')})")
+    serve.add_argument(
+        "--intra-op-spinning", choices=SPINNING_MODES,
+        help="ONNX Runtime intra-op threads waiting for work: off = sleep, run = spin only inside a run, "
+             f"always = also after it (default {default('intra_op_spinning')})",
+    )  # fmt: skip
     serve.add_argument(
         "--provider", "--providers", dest="providers", type=_csv, metavar="LIST",
         help="execution providers in order of preference, e.g. tensorrt,cuda,cpu (default cpu)",

@@ -26,6 +26,7 @@ ENGINE_NAMES: tuple[str, ...] = ("auto", "onnxruntime", "openvino")
 #: OpenVINO precision hints; ``auto`` = the artifact's recorded choice, else f32
 #: (the same names as ``engine_openvino.PRECISIONS``; repeated here to avoid an import cycle).
 OPENVINO_PRECISIONS: tuple[str, ...] = ("auto", "f32", "bf16")
+SPINNING_MODES: tuple[str, ...] = ("off", "run", "always")
 #: Default sequence-length bucket bounds: a request joins the smallest bucket that holds it.
 DEFAULT_LENGTH_BUCKETS: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
 #: Smallest size of one capture file: room for a few captured texts before it rotates.
@@ -60,6 +61,11 @@ class ServeConfig:
         threads: ONNX Runtime intra-op threads per session (default: available cores
             divided by ``workers``).
         workers: engine runs that may execute at the same time (thread pool size).
+        intra_op_spinning: what ONNX Runtime's intra-op threads do while they wait for work:
+            ``off`` (sleep at once), ``run`` (spin between the parallel steps of one run and
+            sleep as soon as the run ends) or ``always`` (ONNX Runtime's default: also spin
+            for a while after each run, which takes cores from the event loop and from other
+            models' sessions).
         providers: execution providers in order of preference (``tensorrt``, ``cuda``,
             ``cpu``); unavailable ones are skipped, and the providers the session really
             got are logged and exported as a metric.
@@ -105,6 +111,7 @@ class ServeConfig:
     max_queue_size: int = 1024
     threads: int | None = None
     workers: int = 1
+    intra_op_spinning: str = "run"
     providers: list[str] = field(default_factory=lambda: ["cpu"])
     engine: str = "auto"
     max_sequence_length: int | None = None
@@ -182,6 +189,11 @@ class ServeConfig:
             raise ConfigError(f"providers {self.providers!r} names a provider twice; list each once")
         if self.engine not in ENGINE_NAMES:
             raise ConfigError(f"engine {self.engine!r} is not one of {ENGINE_NAMES}; use 'auto' to let the artifact choose")
+        if self.intra_op_spinning not in SPINNING_MODES:
+            raise ConfigError(
+                f"intra_op_spinning {self.intra_op_spinning!r} is not one of {SPINNING_MODES}; "
+                "use 'run' (spin only inside a run) or 'off'"
+            )
         if self.openvino_precision not in OPENVINO_PRECISIONS:
             raise ConfigError(
                 f"openvino_precision {self.openvino_precision!r} is not one of {OPENVINO_PRECISIONS}; "

@@ -40,6 +40,7 @@ def test_provider_names_are_normalised() -> None:
         ("max_sequence_length", 1, r"max_sequence_length=1"),
         ("length_buckets", [0, 16], r"length_buckets \[0, 16\] must be a non-empty list of positive integers"),
         ("truncate", "yes", r"truncate must be true or false"),
+        ("intra_op_spinning", "busy", r"intra_op_spinning 'busy' is not one of \('off', 'run', 'always'\)"),
         ("tls_cert", "/nonexistent/cert.pem", r"tls_cert and tls_key must be given together"),
     ],
 )

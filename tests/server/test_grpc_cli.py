@@ -39,6 +39,13 @@ def test_flags_map_to_config_fields(embedding_artifact: Path) -> None:
     assert config.dispatch_when_idle  # the default
 
 
+def test_intra_op_spinning_flag() -> None:
+    assert config_from_args(parse("x")).intra_op_spinning == "run"  # the default
+    assert config_from_args(parse("x", "--intra-op-spinning", "off")).intra_op_spinning == "off"
+    with pytest.raises(SystemExit):
+        parse("x", "--intra-op-spinning", "busy")
+
+
 def test_dispatch_when_idle_flag() -> None:
     assert config_from_args(parse("x", "--no-dispatch-when-idle")).dispatch_when_idle is False
     assert config_from_args(parse("x", "--dispatch-when-idle")).dispatch_when_idle is True

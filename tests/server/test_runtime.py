@@ -202,6 +202,20 @@ def test_provider_is_verified_after_session_creation(embedding_artifact: Path) -
     assert engine.describe()["provider"] == "CPUExecutionProvider"
 
 
+@pytest.mark.parametrize(
+    ("mode", "allow", "stop"), [("off", "0", "0"), ("run", "1", "1"), ("always", "1", "0")]
+)
+def test_intra_op_spinning_reaches_the_session(embedding_artifact: Path, mode: str, allow: str, stop: str) -> None:
+    engine = OnnxRuntimeEngine(
+        embedding_artifact / "model.onnx", EngineOptions(intra_op_spinning=mode),
+        ["input_ids", "attention_mask", "token_type_ids"],
+    )  # fmt: skip
+    opts = engine._session.get_session_options()
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == allow
+    assert opts.get_session_config_entry("session.force_spinning_stop") == stop
+    assert opts.get_session_config_entry("session.inter_op.allow_spinning") == "0"
+
+
 def test_missing_gpu_provider_is_logged_and_counted(embedding_artifact: Path, caplog: pytest.LogCaptureFixture) -> None:
     import onnxruntime as ort
 
