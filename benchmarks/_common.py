@@ -243,7 +243,7 @@ def ort_session(path: Path, threads: int, spinning: str = "off") -> Any:
     """
     import onnxruntime as ort
 
-    from pruneserve.server.runtime import spinning_entries
+    from pruneserve.ort_options import spinning_entries
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads

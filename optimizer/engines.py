@@ -15,8 +15,8 @@ says for every other pair why not (``manifest.quantization.selection``), :func:`
 (``engine: auto``) to follow.
 
 Timings are interleaved (one run of each engine per round, medians over rounds), so a busy
-machine slows every engine alike and the ratios stay fair; intra-op spinning is off for the
-same reason.
+machine slows every engine alike and the ratios stay fair. ONNX Runtime's threads spin inside
+a run only, as ``pruneserve serve`` runs them, so no engine's idle threads slow the next one.
 """
 
 from __future__ import annotations

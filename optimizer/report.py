@@ -204,7 +204,7 @@ def render_markdown(
         "## Speed",
         "",
         f"Median latency on this machine ({manifest.latency.get('threads')} threads, synthetic full-length inputs, "
-        "ONNX Runtime without intra-op spinning).",
+        "ONNX Runtime's threads spinning inside a run only, as `pruneserve serve` runs them).",
         "",
         *_latency_rows(validation, speedups),
         "",

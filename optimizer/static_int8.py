@@ -49,6 +49,7 @@ import numpy as np
 import onnx
 
 from pruneserve.optimizer.errors import ConfigError, QuantizationError
+from pruneserve.ort_options import spinning_entries
 
 logger = logging.getLogger(__name__)
 
@@ -161,14 +162,20 @@ class StaticInt8Result:
 # Measuring: fidelity and batch invariance on any runner
 # =========================================================================================
 def ort_runner(path: str | Path, threads: int = 1) -> Runner:
-    """A CPU ONNX Runtime session on ``path`` returning the first output (spinning off)."""
+    """A CPU ONNX Runtime session on ``path`` returning the first output.
+
+    Its threads spin as ``pruneserve serve``'s do (inside a run only), so latency measured
+    through it is latency as served, and it leaves no spinning threads behind to slow the
+    next engine timed in this process.
+    """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    for key, value in spinning_entries().items():
+        so.add_session_config_entry(key, value)
     session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     inputs = [i.name for i in session.get_inputs()]
     first = session.get_outputs()[0].name

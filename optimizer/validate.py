@@ -12,8 +12,9 @@ Checks, each able to fail the run:
 And measurements for the report and the manifest:
 
 * latency medians at the configured shapes (default batch 1 x 32 tokens and 32 x 128) with
-  warm-up, on an ONNX Runtime session whose intra-op threads do not spin (a spinning session
-  steals cores from the next one measured in the same process);
+  warm-up, on an ONNX Runtime session set up as ``pruneserve serve`` sets it up: intra-op
+  threads spin inside a run and sleep when it ends (idle spinning threads would steal cores
+  from the next session measured in the same process);
 * the execution providers ONNX Runtime actually used: asking for CUDA where it is missing
   silently falls back to the CPU, so the fallback is recorded and warned about.
 """
@@ -33,6 +34,7 @@ import onnx
 
 from pruneserve.optimizer.errors import ConfigError, ValidationError
 from pruneserve.optimizer.quality import Quality
+from pruneserve.ort_options import spinning_entries
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -129,7 +131,7 @@ def shape_key(batch: int, sequence: int) -> str:
 def make_session(
     path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0
 ) -> ort.InferenceSession:
-    """An ONNX Runtime session without intra-op spinning, on the first available of ``providers``."""
+    """An ONNX Runtime session on the first available of ``providers``, spinning as ``serve`` does."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -137,7 +139,8 @@ def make_session(
     if threads:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    for key, value in spinning_entries().items():
+        options.add_session_config_entry(key, value)
     available = set(ort.get_available_providers())
     requested = [p for p in providers if p in available] or ["CPUExecutionProvider"]
     return ort.InferenceSession(str(path), options, providers=requested)

@@ -36,7 +36,8 @@ def _int_csv(value: str) -> list[int]:
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``serve`` and ``infer``."""
-    from pruneserve.server.config import SPINNING_MODES, ServeConfig
+    from pruneserve.ort_options import SPINNING_MODES
+    from pruneserve.server.config import ServeConfig
 
     defaults = ServeConfig.__dataclass_fields__
 

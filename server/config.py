@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pruneserve.ort_options import DEFAULT_SPINNING, SPINNING_MODES
 from pruneserve.server.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -26,7 +27,6 @@ ENGINE_NAMES: tuple[str, ...] = ("auto", "onnxruntime", "openvino")
 #: OpenVINO precision hints; ``auto`` = the artifact's recorded choice, else f32
 #: (the same names as ``engine_openvino.PRECISIONS``; repeated here to avoid an import cycle).
 OPENVINO_PRECISIONS: tuple[str, ...] = ("auto", "f32", "bf16")
-SPINNING_MODES: tuple[str, ...] = ("off", "run", "always")
 #: Default sequence-length bucket bounds: a request joins the smallest bucket that holds it.
 DEFAULT_LENGTH_BUCKETS: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
 #: Smallest size of one capture file: room for a few captured texts before it rotates.
@@ -111,7 +111,7 @@ class ServeConfig:
     max_queue_size: int = 1024
     threads: int | None = None
     workers: int = 1
-    intra_op_spinning: str = "run"
+    intra_op_spinning: str = DEFAULT_SPINNING
     providers: list[str] = field(default_factory=lambda: ["cpu"])
     engine: str = "auto"
     max_sequence_length: int | None = None

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from pruneserve.artifact import Artifact, Manifest
+from pruneserve.ort_options import DEFAULT_SPINNING, spinning_entries
 from pruneserve.server.config import ServeConfig
 from pruneserve.server.errors import InvalidArgumentError, ModelLoadError
 from pruneserve.server.types import InferInput, InferOutput, InferRequest, TensorSpec
@@ -118,7 +119,7 @@ class EngineOptions:
 
     providers: tuple[str, ...] = ("cpu",)
     threads: int = 1
-    intra_op_spinning: str = "run"
+    intra_op_spinning: str = DEFAULT_SPINNING
     max_batch_size: int = 32
     max_sequence_length: int = 512
     tensorrt_fp16: bool = True
@@ -140,24 +141,6 @@ class EngineOptions:
             tensorrt_cache_dir=config.tensorrt_cache_dir,
             openvino_precision=config.openvino_precision,
         )
-
-
-def spinning_entries(mode: str) -> dict[str, str]:
-    """ONNX Runtime session config entries for an ``intra_op_spinning`` mode (off | run | always).
-
-    Spinning workers pick up the next parallel step of a run without a futex wake-up, which
-    on a small VM is worth more than a millisecond per batch-1 run of MiniLM. Spinning after
-    the run, ONNX Runtime's default, steals cores from the event loop and from every other
-    session (measured: 2.5 ms vs 6.5 ms for the same model next to an idle spinning session),
-    so ``run`` spins inside a run only (``session.force_spinning_stop``).
-    """
-    if mode not in ("off", "run", "always"):
-        raise ValueError(f"intra_op_spinning {mode!r} is not one of off, run, always")
-    return {
-        "session.intra_op.allow_spinning": "0" if mode == "off" else "1",
-        "session.inter_op.allow_spinning": "0",
-        "session.force_spinning_stop": "1" if mode == "run" else "0",
-    }
 
 
 class OnnxRuntimeEngine(Engine):

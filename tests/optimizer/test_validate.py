@@ -155,3 +155,16 @@ def test_report_blocks_name_the_data(setup: Setup) -> None:
     assert block["data"] == "my data" and block["final"]["score"] == 0.97
     assert list(block["stages"]) == ["fused", "quantized"]
     assert report.latency_block()["artifact"]["median_ms"] == {"b1x32": 2.0}
+
+
+def test_latency_sessions_spin_as_the_server_does(setup: Setup) -> None:
+    """The optimizer times (and chooses engines with) sessions set up like ``pruneserve serve``'s."""
+    from pruneserve.server.config import ServeConfig
+    from pruneserve.server.runtime import EngineOptions, OnnxRuntimeEngine
+
+    measured = validate.make_session(setup.graph).get_session_options()
+    engine = OnnxRuntimeEngine(setup.graph, EngineOptions.from_config(ServeConfig(), 64), ["input_ids"])
+    served = engine._session.get_session_options()
+    for key in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning", "session.force_spinning_stop"):
+        assert measured.get_session_config_entry(key) == served.get_session_config_entry(key)
+    assert measured.get_session_config_entry("session.force_spinning_stop") == "1"

@@ -216,6 +216,13 @@ def test_intra_op_spinning_reaches_the_session(embedding_artifact: Path, mode: s
     assert opts.get_session_config_entry("session.inter_op.allow_spinning") == "0"
 
 
+def test_unknown_spinning_mode_is_refused() -> None:
+    from pruneserve.ort_options import spinning_entries
+
+    with pytest.raises(ValueError, match=r"mode 'busy' is not one of \('off', 'run', 'always'\)"):
+        spinning_entries("busy")
+
+
 def test_missing_gpu_provider_is_logged_and_counted(embedding_artifact: Path, caplog: pytest.LogCaptureFixture) -> None:
     import onnxruntime as ort
 
