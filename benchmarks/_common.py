@@ -234,22 +234,22 @@ def percentile(xs: Sequence[float], q: float) -> float:
 # -- ONNX Runtime --------------------------------------------------------------------------
 
 
-def ort_session(path: Path, threads: int, spinning: str = "off") -> Any:
-    """A CPU session; intra-op spinning ``off`` unless asked (``run`` | ``always``, as ``serve``).
+def ort_session(path: Path, threads: int, spinning: str | None = None) -> Any:
+    """A CPU session whose intra-op threads spin as ``pruneserve serve``'s do (or as ``spinning`` says).
 
-    Spinning workers of one session steal the cores another session needs when two are timed
-    in one process (measured: 2.5 ms vs 6.5 ms for the same model), so sessions timed beside
-    others yield their threads when idle. The server's ceiling takes the server's own mode.
+    ``serve`` spins inside a run only: idle spinning workers of one session would steal the
+    cores another session needs when two are timed in one process (measured: 2.5 ms vs
+    6.5 ms for the same model), and no session here leaves any behind.
     """
     import onnxruntime as ort
 
-    from pruneserve.ort_options import spinning_entries
+    from pruneserve.ort_options import DEFAULT_SPINNING, spinning_entries
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    for key, value in spinning_entries(spinning).items():
+    for key, value in spinning_entries(spinning or DEFAULT_SPINNING).items():
         opts.add_session_config_entry(key, value)
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 

@@ -280,7 +280,7 @@ def static_int8_original(
 
 
 def ort_runtime(name: str, path: Path, threads: int, kind: str = "onnxruntime", note: str = "") -> Runtime:
-    """A CPU ONNX Runtime session (spinning off) fed with whatever inputs the graph declares."""
+    """A CPU ONNX Runtime session (spinning inside a run only, as served) fed with whatever inputs the graph declares."""
     sess = ort_session(path, threads)
     inputs = [i.name for i in sess.get_inputs()]
     output = sess.get_outputs()[0].name
