@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import DEFAULT_RESULTS, REPO_ROOT, BenchConfig, BenchmarkError, machine_info
+from benchmarks._common import BENCHMARKS, DEFAULT_RESULTS, REPO_ROOT, BenchConfig, BenchmarkError, machine_info
 
 logger = logging.getLogger("benchmarks")
 
@@ -27,7 +27,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--quick", action="store_const", const="quick", dest="mode", help="few repetitions (minutes)")
     mode.add_argument("--full", action="store_const", const="full", dest="mode", help="stable medians (~40 min on 2 cores)")
-    p.add_argument("--only", default="model,server,shadow,optimizer,scaling", help="comma-separated benchmarks to run")
+    p.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated benchmarks to run")
     p.add_argument("--out", type=Path, default=DEFAULT_RESULTS, help="results folder (default benchmarks/results)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="ONNX Runtime / torch threads")
     p.add_argument("--model-dir", type=Path, default=None, help="original model folder (default: the default model)")
@@ -81,8 +81,13 @@ def run(cfg: BenchConfig, markdown: Path | None) -> int:
 
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     info = machine_info(cfg.command)
-    (cfg.out_dir / "machine.json").write_text(json.dumps(info, indent=2) + "\n")
-    sections: dict[str, str] = {"machine": tables.machine_section(info)}
+    # The machine section (and machine.json) describe the run that every table comes from. A
+    # partial run leaves them alone and stamps the sections it rewrites with its own command.
+    partial = set(cfg.only) != set(BENCHMARKS)
+    sections: dict[str, str] = {}
+    if not partial:
+        (cfg.out_dir / "machine.json").write_text(json.dumps(info, indent=2) + "\n")
+        sections["machine"] = tables.machine_section(info)
     failed: list[str] = []
     artifacts: dict[str, Path] | None = None
     artifact_notes: list[str] = []
@@ -110,6 +115,9 @@ def run(cfg: BenchConfig, markdown: Path | None) -> int:
     if "scaling" in cfg.only:
         sections["scaling"] = _guard("scaling", failed, lambda: _scaling(cfg, get_artifacts(), markdown))
     if markdown is not None:
+        if partial:
+            stamp = f"_Measured in a separate run: `{cfg.command}`, {info.get('date')}, same machine._\n\n"
+            sections = {name: stamp + body for name, body in sections.items()}
         tables.update_markdown(markdown, sections)
         logger.info("updated %s", markdown)
     logger.info("results in %s", cfg.out_dir)

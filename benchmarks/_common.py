@@ -54,6 +54,10 @@ class BenchmarkError(Exception):
     """A benchmark could not run (a missing tool, a server that did not start, a bad option)."""
 
 
+#: Every benchmark ``python -m benchmarks`` runs (``--only`` picks some; all = a full report).
+BENCHMARKS: tuple[str, ...] = ("model", "server", "shadow", "optimizer", "scaling")
+
+
 @dataclass
 class BenchConfig:
     """What to measure and how hard.
@@ -64,7 +68,7 @@ class BenchConfig:
 
     mode: str = "quick"
     out_dir: Path = DEFAULT_RESULTS
-    only: tuple[str, ...] = ("model", "server", "shadow", "optimizer", "scaling")
+    only: tuple[str, ...] = BENCHMARKS
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     #: Folder of the original Hugging Face / sentence-transformers model; None = the default model.
     model_dir: Path | None = None
@@ -79,10 +83,9 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("quick", "full"):
             raise BenchmarkError(f"mode {self.mode!r} must be 'quick' or 'full'")
-        known = {"model", "server", "shadow", "optimizer", "scaling"}
-        unknown = sorted(set(self.only) - known)
+        unknown = sorted(set(self.only) - set(BENCHMARKS))
         if unknown:
-            raise BenchmarkError(f"--only {','.join(unknown)} is not a benchmark; choose from {sorted(known)}")
+            raise BenchmarkError(f"--only {','.join(unknown)} is not a benchmark; choose from {sorted(BENCHMARKS)}")
         if self.threads < 1:
             raise BenchmarkError(f"threads {self.threads} must be >= 1")
         unknown_presets = sorted(set(self.presets) - set(PRESETS))

@@ -32,7 +32,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,10 +135,17 @@ def ensure_triton_venv() -> Path:
     return py
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports on 127.0.0.1.
+
+    All are bound at once before any is released: asking one at a time can hand back the port
+    just released (it happened: gRPC and metrics got the same port and the server refused to start).
+    """
+    with ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 # -- servers -----------------------------------------------------------------------------
@@ -212,7 +219,7 @@ def serving(
     ``extra_args`` are appended to ``pruneserve serve`` (e.g. ``--shadow-rate 0.01``) or to
     ``triton_peer.py`` (e.g. ``--intra-op-spinning always``).
     """
-    grpc_port, metrics_port = free_port(), free_port()
+    grpc_port, metrics_port, http_port = free_ports(3)
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / (f"{kind}.log" if not extra_args else f"{kind}-{'_'.join(extra_args).strip('-')}.log")
     common = [
@@ -226,7 +233,7 @@ def serving(
                "--metrics-host", "127.0.0.1", *common, *extra_args]  # fmt: skip
     elif kind == "triton":
         py = str(ensure_triton_venv())
-        cmd = [py, str(BENCH_DIR / "triton_peer.py"), str(artifact), "--http-port", str(free_port()),
+        cmd = [py, str(BENCH_DIR / "triton_peer.py"), str(artifact), "--http-port", str(http_port),
                "--model-name", model, *common, *extra_args]  # fmt: skip
         # The Python backend stub links libpython: the interpreter's own LIBDIR must come first.
         libdir = _libdir_of(py)

@@ -51,10 +51,16 @@ SUCCESSES = 30
 SCRAPE_INTERVAL_S = 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _free_ports(count: int) -> list[int]:
+    """Distinct free ports: all bound at once, so none is handed out twice."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _wait_for(
@@ -185,7 +191,7 @@ def test_prometheus_scrapes_the_server_and_evaluates_the_rules(tmp_path: Path, t
     prometheus = shutil.which("prometheus")
     if prometheus is None:
         pytest.skip(f"prometheus is not installed; {INSTALL_HINT}")
-    grpc_port, metrics_port, prom_port = _free_port(), _free_port(), _free_port()
+    grpc_port, metrics_port, prom_port = _free_ports(3)
 
     # The PrometheusRule's groups, evaluated every second instead of every 30 s.
     groups = rule_groups(render("overlays/cpu"))
