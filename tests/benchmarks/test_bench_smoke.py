@@ -238,3 +238,17 @@ def test_artifact_runs_on_the_engine_its_manifest_recommends(tiny_artifact: Path
     tok = Tokenizer.from_file(str(tiny_artifact / "tokenizer.json"))
     batch = tokenize(tok, ["a short text", "a somewhat longer text than the first one"], 32)
     np.testing.assert_allclose(ov_rt.run(batch), ort_rt.run(batch), atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["off", "run", "always"])
+def test_triton_peer_session_spins_as_serve_does(tiny_artifact: Path, mode: str) -> None:
+    """triton_peer.py keeps its own copy of the spinning entries (it runs in Triton's venv): they must match."""
+    from pruneserve.ort_options import spinning_entries
+
+    from benchmarks.triton_peer import ArtifactModel, parse_args
+
+    args = parse_args([str(tiny_artifact), "--grpc-port", "1", "--http-port", "2", "--metrics-port", "3",
+                       "--intra-op-spinning", mode])  # fmt: skip
+    opts = ArtifactModel(args.artifact, 1, spinning=args.intra_op_spinning).session.get_session_options()
+    for key, value in spinning_entries(mode).items():
+        assert opts.get_session_config_entry(key) == value, key
