@@ -47,8 +47,13 @@ def test_refit_of_an_unpruned_model_keeps_its_weights(embedder: LoadedModel) -> 
     score = _splits(embedder)[0]
     refit(student, teacher, score, kinds=["attention", "ffn"], alpha_scale=1e-6)
     for got, want in zip(student.layers, teacher.layers):
-        # float32 Gram products: close, not bit-equal (weights have std 0.2).
-        torch.testing.assert_close(got.attention.o.weight, want.attention.o.weight, atol=1e-2, rtol=0)
+        # float32 Gram products: close, not bit-equal. The error grows layer by layer (each
+        # layer is fitted on the refitted layers below it; measured relative error 3e-5, 4e-4,
+        # 4e-3 for layers 1-3), and one element of 1024 once moved 0.0106 at std 0.2 with
+        # another summation order. A wrong target would move the matrix by its own size.
+        w_got, w_want = got.attention.o.weight, want.attention.o.weight
+        assert float(torch.linalg.norm(w_got - w_want) / torch.linalg.norm(w_want)) < 3e-2
+        assert float((w_got - w_want).abs().max()) < 5e-2
     assert fidelity(student, teacher_outputs(teacher, score), score).min_cosine > 0.9999
 
 
