@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from pruneserve.ort_options import DEFAULT_SPINNING, spinning_entries
+
 logger = logging.getLogger(__name__)
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -237,7 +239,7 @@ def percentile(xs: Sequence[float], q: float) -> float:
 # -- ONNX Runtime --------------------------------------------------------------------------
 
 
-def ort_session(path: Path, threads: int, spinning: str | None = None) -> Any:
+def ort_session(path: Path, threads: int, spinning: str = DEFAULT_SPINNING) -> Any:
     """A CPU session whose intra-op threads spin as ``pruneserve serve``'s do (or as ``spinning`` says).
 
     ``serve`` spins inside a run only: idle spinning workers of one session would steal the
@@ -246,13 +248,11 @@ def ort_session(path: Path, threads: int, spinning: str | None = None) -> Any:
     """
     import onnxruntime as ort
 
-    from pruneserve.ort_options import DEFAULT_SPINNING, spinning_entries
-
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    for key, value in spinning_entries(spinning or DEFAULT_SPINNING).items():
+    for key, value in spinning_entries(spinning).items():
         opts.add_session_config_entry(key, value)
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 

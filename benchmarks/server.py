@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from pruneserve.server.config import ServeConfig
+from pruneserve.ort_options import DEFAULT_SPINNING
 
 from benchmarks._common import (
     BENCH_DIR,
@@ -64,7 +64,7 @@ MAX_BATCH_SIZE = 32
 MAX_QUEUE_DELAY_MS = 2.0
 #: ONNX Runtime intra-op spinning for every server and the in-process ceiling alike, so they
 #: time the same session: ``pruneserve serve``'s default.
-SPINNING: str = ServeConfig.__dataclass_fields__["intra_op_spinning"].default
+SPINNING: str = DEFAULT_SPINNING
 READY_TIMEOUT_S = 180.0
 #: A stability threshold no two windows can miss: perf_analyzer then reports after its trials.
 NO_STABILITY = 1000

@@ -47,7 +47,7 @@ def _prepend_libdir() -> None:
 class ArtifactModel:
     """The artifact's ONNX Runtime session and tokenizer, used exactly as the server uses them."""
 
-    def __init__(self, artifact: Path, threads: int, spinning: str = "off") -> None:
+    def __init__(self, artifact: Path, threads: int, spinning: str = "run") -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -65,8 +65,9 @@ class ArtifactModel:
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         # The same session options as pruneserve's engine and the in-process ceiling, mapped as
-        # pruneserve.server.runtime.spinning_entries maps them (this file runs in Triton's venv,
-        # without pruneserve): the harness passes every server the same --intra-op-spinning.
+        # pruneserve.ort_options.spinning_entries maps them (this file runs in Triton's venv,
+        # without pruneserve; a test keeps the two in step): the harness passes every server
+        # the same --intra-op-spinning.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0" if spinning == "off" else "1")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         opts.add_session_config_entry("session.force_spinning_stop", "1" if spinning == "run" else "0")
@@ -97,9 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--model-name", default=None, help="defaults to the manifest's name")
     p.add_argument(
-        "--intra-op-spinning", choices=("off", "run", "always"), default="off",
+        "--intra-op-spinning", choices=("off", "run", "always"), default="run",
         help="ONNX Runtime intra-op threads waiting for work, as `pruneserve serve --intra-op-spinning`: "
-             "off = sleep, run = spin only inside a run, always = ONNX Runtime's default",
+             "off = sleep, run = spin only inside a run (serve's default), always = ONNX Runtime's default",
     )  # fmt: skip
     return p.parse_args(argv)
 
