@@ -212,24 +212,35 @@ def stop_server(server: ServerProcess, grace: float = 20.0) -> None:
 
 @contextmanager
 def serving(
-    kind: str, artifact: Path, model: str, threads: int, log_dir: Path, extra_args: Sequence[str] = ()
+    kind: str,
+    artifact: Path,
+    model: str,
+    threads: int,
+    log_dir: Path,
+    extra_args: Sequence[str] = (),
+    floor: str | None = None,
 ) -> Iterator[ServerProcess]:
     """Start ``kind`` ('pruneserve' or 'triton') on free 127.0.0.1 ports; always stop it afterwards.
 
     ``extra_args`` are appended to ``pruneserve serve`` (e.g. ``--shadow-rate 0.01``) or to
-    ``triton_peer.py`` (e.g. ``--intra-op-spinning always``).
+    ``triton_peer.py`` (e.g. ``--intra-op-spinning always``). ``floor`` ('engine' or
+    'transport') starts pruneserve through ``floor_server.py`` with that part taken away.
     """
     grpc_port, metrics_port, http_port = free_ports(3)
     log_dir.mkdir(parents=True, exist_ok=True)
-    log = log_dir / (f"{kind}.log" if not extra_args else f"{kind}-{'_'.join(extra_args).strip('-')}.log")
+    stem = kind if floor is None else f"{kind}-floor-{floor}"
+    log = log_dir / (f"{stem}.log" if not extra_args else f"{stem}-{'_'.join(extra_args).strip('-')}.log")
     common = [
         "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
         "--max-batch-size", str(MAX_BATCH_SIZE), "--max-queue-delay-ms", str(MAX_QUEUE_DELAY_MS),
         "--threads", str(threads), "--intra-op-spinning", SPINNING,
     ]  # fmt: skip
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    if floor is not None and kind != "pruneserve":
+        raise BenchmarkError(f"floor {floor!r} applies to pruneserve only, not {kind!r}")
     if kind == "pruneserve":
-        cmd = [python_exe(), "-m", "pruneserve.cli", "serve", str(artifact), "--host", "127.0.0.1",
+        entry = ["-m", "pruneserve.cli"] if floor is None else [str(BENCH_DIR / "floor_server.py"), "--floor", floor]
+        cmd = [python_exe(), *entry, "serve", str(artifact), "--host", "127.0.0.1",
                "--metrics-host", "127.0.0.1", *common, *extra_args]  # fmt: skip
     elif kind == "triton":
         py = str(ensure_triton_venv())

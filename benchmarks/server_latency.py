@@ -1,6 +1,6 @@
 """Where a request's time goes, side by side: pruneserve variants, Triton and the in-process ceiling.
 
-``python -m benchmarks.server_latency [--rounds 3] [--seconds 2] [--concurrency 1,16] [--variant NAME=ARGS]``
+``python -m benchmarks.server_latency [--rounds 3] [--seconds 2] [--concurrency 1,16] [--variant NAME=ARGS] [--floors]``
 ``python -m benchmarks.server_latency --stages`` (one request's stages in the data plane, no gRPC)
 
 The harness's server benchmark (``benchmarks/server.py``) measures one server after the other;
@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._common import DEFAULT_RESULTS, load_corpus
+from benchmarks.floor_server import FLOORS
 from benchmarks.server import (
     SPINNING,
     LoadSettings,
@@ -151,8 +152,13 @@ def run(
     triton: bool = True,
     triton_variants: dict[str, list[str]] | None = None,
     ceiling_spinning: Sequence[str] = (SPINNING,),
+    floors: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Start every server, interleave the loads for ``rounds`` rounds; returns (and writes) the results."""
+    """Start every server, interleave the loads for ``rounds`` rounds; returns (and writes) the results.
+
+    ``floors`` ('engine', 'transport') add pruneserve with that part taken away
+    (``floor_server.py``), as rows ``floor-engine`` and ``floor-transport``.
+    """
     manifest = json.loads((artifact / "manifest.json").read_text())
     model = manifest["name"]
     work = Path(tempfile.mkdtemp(prefix="server_latency_"))  # logs, perf_analyzer CSVs, input JSON
@@ -167,6 +173,11 @@ def run(
         servers: dict[str, ServerProcess] = {}
         for name, args in variants.items():
             servers[name] = stack.enter_context(serving("pruneserve", artifact, model, threads, work / name, args))
+        for floor in floors:
+            name = f"floor-{floor}"
+            servers[name] = stack.enter_context(
+                serving("pruneserve", artifact, model, threads, work / name, floor=floor)
+            )
         if triton:
             servers["triton"] = stack.enter_context(serving("triton", artifact, model, threads, work / "triton"))
         for name, args in (triton_variants or {}).items():
@@ -199,6 +210,7 @@ def run(
         "work_dir": str(work),
         "threads": threads,
         "variants": variants,
+        "floors": list(floors),
         "rounds": rounds,
         "seconds_per_window": seconds,
         "loads": loads,
@@ -333,6 +345,11 @@ def main(argv: list[str] | None = None) -> int:
         help="intra-op spinning of the in-process ceiling, comma-separated (off,run,always); the first is "
              "the one every p50 is compared with, the others are extra rows",
     )  # fmt: skip
+    p.add_argument(
+        "--floors", action="store_true",
+        help="also run pruneserve with an instant engine (floor-engine) and with canned answers "
+             "(floor-transport): what the server adds besides compute, and what gRPC alone costs",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, default=DEFAULT_RESULTS / "server_latency.json")
     p.add_argument("--stages", action="store_true", help="only time one request's stages in the data plane (no gRPC)")
     args = p.parse_args(argv)
@@ -353,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = run(
         args.artifact, args.threads, variants, [int(c) for c in args.concurrency.split(",")],
         args.rounds, args.seconds, args.out, triton=not args.no_triton, triton_variants=triton_variants,
-        ceiling_spinning=args.ceiling_spinning.split(","),
+        ceiling_spinning=args.ceiling_spinning.split(","), floors=FLOORS if args.floors else (),
     )  # fmt: skip
     print(table(payload))
     print("load:", *payload["loads"], sep="\n  ")

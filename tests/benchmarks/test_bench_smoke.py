@@ -252,3 +252,39 @@ def test_triton_peer_session_spins_as_serve_does(tiny_artifact: Path, mode: str)
     opts = ArtifactModel(args.artifact, 1, spinning=args.intra_op_spinning).session.get_session_options()
     for key, value in spinning_entries(mode).items():
         assert opts.get_session_config_entry(key) == value, key
+
+
+@pytest.mark.parametrize("floor", ["engine", "transport"])
+def test_floor_servers_answer_every_text_with_the_first_answer(tiny_artifact: Path, tmp_path: Path, floor: str) -> None:
+    """The floor servers really skip their part: a second, different text gets the first text's answer.
+
+    The real server, started the same way, answers the two texts differently, so the check
+    would fail if the launcher did not patch anything.
+    """
+    tritonclient = pytest.importorskip("tritonclient.grpc")
+
+    from benchmarks.server import serving
+
+    def answers(server: object) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        client = tritonclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")  # type: ignore[attr-defined]
+        out = []
+        for text in ("a short sentence", "an entirely different and somewhat longer sentence about servers"):
+            inp = tritonclient.InferInput("text", [1, 1], "BYTES")
+            inp.set_data_from_numpy(np.array([[text.encode()]], dtype=object))
+            out.append(client.infer("tiny", [inp]).as_numpy("embedding"))
+        extensions = list(client.get_server_metadata().extensions)
+        client.close()
+        return out[0], out[1], extensions
+
+    with serving("pruneserve", tiny_artifact, "tiny", 1, tmp_path / "real") as real:
+        first, second, extensions = answers(real)
+    assert not np.allclose(first, second)
+    assert "statistics" in extensions
+
+    with serving("pruneserve", tiny_artifact, "tiny", 1, tmp_path / floor, floor=floor) as stubbed:
+        floor_first, floor_second, floor_extensions = answers(stubbed)
+    assert floor_first.shape == first.shape and np.isfinite(floor_first).all()
+    if floor == "transport":  # the canned answer is the first request's real one
+        np.testing.assert_allclose(floor_first, first, atol=1e-5)
+    np.testing.assert_array_equal(floor_second, floor_first)
+    assert ("statistics" in floor_extensions) == (floor == "engine")
