@@ -13,6 +13,12 @@ this module can fail because of another request's content):
    a free worker and only then takes the batch, so requests that arrived meanwhile join it.
    Requests whose deadline passed or whose caller went away are dropped, never computed.
 
+   A request that finds its model idle, nothing queued and a worker free would be dispatched
+   alone at once, so the data plane runs it straight from its own task
+   (:meth:`DynamicBatcher.run_alone`), with the same accounting. Waking the scheduler and
+   starting a batch task would cost two more trips through the event loop: measured 0.27 ms
+   of a 1.9 ms request at concurrency 1 with the engine taken away.
+
    Why dispatch at once when idle: waiting for batch-mates only pays when the wait is shorter
    than the run they would otherwise queue behind. With the engine idle, a lone request that
    waits ``max_queue_delay`` just arrives that much later (measured: +2.6 ms of a 14 ms p50 at
@@ -34,7 +40,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,13 +118,16 @@ class DynamicBatcher:
         #: Batches dispatched because the model was idle, before their head waited
         #: ``max_queue_delay`` or the bucket was full (for introspection and tests).
         self.idle_dispatches = 0
+        #: Of those, requests run straight from their caller's task (:meth:`run_alone`).
+        self.runs_alone = 0
         self._metrics = metrics
         self.stats = stats if stats is not None else StatsRecorder(runtime.name, runtime.version)
         # One queue per bucket, plus one for sequences longer than the largest bound.
         self._queues: list[deque[Work]] = [deque() for _ in range(len(self.bounds) + 1)]
         self._items = [0] * len(self._queues)  # queued items per bucket, kept in step with _queues
         self._pending = 0
-        self._inflight: set[asyncio.Task[None]] = set()
+        # Batch tasks, and the engine futures of requests run alone: what is executing.
+        self._inflight: set[asyncio.Future[Any]] = set()
         self._arrival = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -165,6 +174,67 @@ class DynamicBatcher:
         self._publish_pending()
         self._arrival.set()
         return fut
+
+    def can_run_alone(self) -> bool:
+        """Whether a request submitted now would be dispatched alone at once.
+
+        True while ``dispatch_when_idle`` is on, nothing of this model is queued or executing,
+        a worker is free and the batcher is open. Call :meth:`run_alone` right after, with no
+        ``await`` in between, or the answer may no longer hold.
+        """
+        return (
+            self.dispatch_when_idle and not self._closed and self._pending == 0
+            and not self._inflight and not self._slots.locked()
+        )  # fmt: skip
+
+    async def run_alone(self, prepared: Prepared) -> Result:
+        """Run ``prepared`` now as a batch of one, from the caller's task (see the module docstring).
+
+        Counts as an idle dispatch with no queue time. Requests that arrive meanwhile queue and
+        leave together when it ends. If the caller is cancelled (deadline, client gone) the
+        worker stays taken until the engine run ends, as for a batch. Raises what the request's
+        execution raised, and :class:`UnavailableError` when the server shuts down first.
+        """
+        loop = asyncio.get_running_loop()
+        await self._slots.acquire()  # free, by can_run_alone: returns without yielding
+        try:
+            work = self._executor.submit(self._execute, [prepared])
+        except RuntimeError:  # the pool is shut down
+            self._slots.release()
+            raise UnavailableError("the server shut down before this request ran; retry") from None
+        self._idle.clear()
+        self.idle_dispatches += 1
+        self.runs_alone += 1
+        self.stats.queued(0)
+        if self._metrics is not None:
+            self._metrics.observe_queue(self.runtime.name, self.runtime.version, 0.0)
+        done = asyncio.wrap_future(work, loop=loop)
+        self._inflight.add(done)
+        done.add_done_callback(lambda fut: self._alone_done(fut, work))
+        try:
+            outcome = (await done)[0]
+        except asyncio.CancelledError:
+            if self._closed:
+                raise UnavailableError("the server shut down while this request ran; retry") from None
+            raise
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def _alone_done(self, done: asyncio.Future[Any], work: Future[Any]) -> None:
+        if done.cancelled() and not work.done():
+            # The caller went away but the engine still runs: the worker is not free yet.
+            loop = done.get_loop()
+            work.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release_alone, done))
+            return
+        self._release_alone(done)
+
+    def _release_alone(self, done: asyncio.Future[Any]) -> None:
+        self._inflight.discard(done)
+        self._slots.release()
+        self._check_idle()
+        if self.dispatch_when_idle and any(self._queues):
+            self._arrival.set()  # requests that queued during the run go at once
 
     def flush(self) -> None:
         """From now on run queued work at once, without waiting ``max_queue_delay`` for batch-mates."""

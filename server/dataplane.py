@@ -18,6 +18,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -293,8 +294,10 @@ class DataPlane:
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceededError("the request's deadline had passed when it arrived; raise the client timeout")
             prepared = await self._prepare(rt, request)
-            future = batcher.submit(prepared, deadline, rid)
-            raw = await self._wait(future, deadline)
+            if batcher.can_run_alone():
+                raw = await self._wait(batcher.run_alone(prepared), deadline)
+            else:
+                raw = await self._wait(batcher.submit(prepared, deadline, rid), deadline)
             response = InferResponse(model, version, rt.make_outputs(prepared, raw), id=request.id)
             outcome = "success"
             self._maybe_shadow(rt, request, prepared, raw)
@@ -343,12 +346,13 @@ class DataPlane:
         return await loop.run_in_executor(self._prep, rt.prepare, request, self.config.max_batch_size)
 
     @staticmethod
-    async def _wait(future: asyncio.Future[dict[str, np.ndarray]], deadline: float | None) -> dict[str, np.ndarray]:
+    async def _wait(answer: Awaitable[dict[str, np.ndarray]], deadline: float | None) -> dict[str, np.ndarray]:
         if deadline is None:
-            return await future
-        # On timeout wait_for cancels the future, which tells the batcher to drop the work.
+            return await answer
+        # On timeout wait_for cancels the answer, which tells the batcher to drop the work
+        # (or, for a request run alone, to free the worker once the engine run ends).
         try:
-            return await asyncio.wait_for(future, timeout=max(0.0, deadline - time.monotonic()))
+            return await asyncio.wait_for(answer, timeout=max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
             raise DeadlineExceededError(
                 "the request's deadline passed before its answer was computed; raise the client timeout or add capacity"

@@ -355,6 +355,65 @@ def test_requests_queued_during_a_run_leave_together_when_it_ends(embedding_arti
     assert stats.queue.count == len(texts) + 1 and stats.queue.ns < LONG_DELAY_MS * 1e6 / 2
 
 
+def test_a_request_to_an_idle_model_runs_from_its_own_task(embedding_artifact: Path, run_dataplane) -> None:
+    """Only a request that finds nothing queued or executing skips the scheduler; the rest queue."""
+
+    async def scenario(dp: DataPlane):
+        await dp.infer(text_request("tiny-embed", ["hello"]))
+        batcher = dp.batcher("tiny-embed")
+        after_one = batcher.runs_alone
+        engine, first = await _hold_worker(dp)
+        assert not batcher.can_run_alone()  # executing: the next request must queue
+        queued = asyncio.ensure_future(dp.infer(text_request("tiny-embed", ["cats"])))
+        await wait_for_pending(dp, "tiny-embed", 1)
+        engine.gate.set()
+        await asyncio.gather(first, queued)
+        assert batcher.can_run_alone()
+        return after_one, batcher, dp.model_statistics("tiny-embed")[0]
+
+    metrics = Metrics()
+    after_one, batcher, stats = run_dataplane(_config(embedding_artifact, max_queue_delay_ms=LONG_DELAY_MS), scenario, metrics)
+    assert after_one == 1
+    assert batcher.runs_alone == 2 and batcher.idle_dispatches == 3  # "cats" went through the scheduler
+    # Run alone or batched, every request is counted the same way.
+    assert stats.queue.count == 3 and stats.execution_count == 3 and stats.success.count == 3
+    assert _counter(metrics, "pruneserve_queue_duration_seconds_count") == 3
+    assert _counter(metrics, "pruneserve_executions_total") == 3
+
+
+@pytest.mark.parametrize("how", ["deadline", "cancel"])
+def test_a_lone_run_keeps_its_worker_after_its_caller_leaves(embedding_artifact: Path, run_dataplane, how: str) -> None:
+    """The engine cannot be stopped mid-run: the worker stays taken until the run really ends,
+    so the next request queues instead of running beside it (``workers`` is 1)."""
+
+    async def scenario(dp: DataPlane):
+        engine = gate_model(dp, "tiny-embed")
+        engine.gate.clear()
+        batcher = dp.batcher("tiny-embed")
+        if how == "deadline":
+            left = asyncio.ensure_future(dp.infer(text_request("tiny-embed", ["hello"]), deadline=time.monotonic() + 0.2))
+            await wait_until_running(engine)
+            with pytest.raises(DeadlineExceededError):
+                await left
+        else:
+            left = asyncio.ensure_future(dp.infer(text_request("tiny-embed", ["hello"])))
+            await wait_until_running(engine)
+            left.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await left
+        assert batcher.runs_alone == 1 and not batcher.can_run_alone()
+        later = asyncio.ensure_future(dp.infer(text_request("tiny-embed", ["cats"])))
+        await wait_for_pending(dp, "tiny-embed", 1)
+        assert len(engine.runs) == 1  # still only the abandoned run
+        engine.gate.set()
+        answer = await later
+        return answer, engine.batch_sizes, batcher.can_run_alone()
+
+    answer, sizes, free_again = run_dataplane(_config(embedding_artifact, max_queue_delay_ms=1.0), scenario)
+    assert answer.outputs[0].data.shape == (1, 8)
+    assert sizes == [1, 1] and free_again
+
+
 class _SlowEngine(Engine):
     """A real engine that takes at least ``seconds`` per run (sleeping in the worker thread)."""
 
