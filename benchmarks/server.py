@@ -44,6 +44,7 @@ from pruneserve.ort_options import DEFAULT_SPINNING
 from benchmarks._common import (
     BENCH_DIR,
     PEERS_DIR,
+    REPO_ROOT,
     BenchConfig,
     BenchmarkError,
     load_corpus,
@@ -219,12 +220,14 @@ def serving(
     log_dir: Path,
     extra_args: Sequence[str] = (),
     floor: str | None = None,
+    pythonpath: Path | None = None,
 ) -> Iterator[ServerProcess]:
     """Start ``kind`` ('pruneserve' or 'triton') on free 127.0.0.1 ports; always stop it afterwards.
 
     ``extra_args`` are appended to ``pruneserve serve`` (e.g. ``--shadow-rate 0.01``) or to
     ``triton_peer.py`` (e.g. ``--intra-op-spinning always``). ``floor`` ('engine' or
     'transport') starts pruneserve through ``floor_server.py`` with that part taken away.
+    ``pythonpath`` (from :func:`checkout_baseline`) runs pruneserve as of another commit.
     """
     grpc_port, metrics_port, http_port = free_ports(3)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -236,6 +239,14 @@ def serving(
         "--threads", str(threads), "--intra-op-spinning", SPINNING,
     ]  # fmt: skip
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    cwd = None
+    if pythonpath is not None:
+        if kind != "pruneserve":
+            raise BenchmarkError(f"a baseline checkout applies to pruneserve only, not {kind!r}")
+        # Its package directory comes first, and is the working directory so that `-m` does
+        # not import this checkout's `pruneserve` from the current directory instead.
+        env["PYTHONPATH"] = str(pythonpath)
+        cwd = str(pythonpath)
     if floor is not None and kind != "pruneserve":
         raise BenchmarkError(f"floor {floor!r} applies to pruneserve only, not {kind!r}")
     if kind == "pruneserve":
@@ -253,13 +264,46 @@ def serving(
         raise BenchmarkError(f"unknown server kind {kind!r}")
     logger.info("starting %s: %s", kind, " ".join(cmd))
     with log.open("wb") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=cwd)
     server = ServerProcess(kind, proc, grpc_port, metrics_port, model, log)
     try:
         _wait_ready(server, READY_TIMEOUT_S)
         yield server
     finally:
         stop_server(server)
+
+
+@contextmanager
+def checkout_baseline(rev: str) -> Iterator[Path]:
+    """A directory to put first on PYTHONPATH that imports ``pruneserve`` as of commit ``rev``.
+
+    A detached git worktree of this repository, with the package assembled as pyproject's
+    ``package-dir`` maps it (``pruneserve/``, ``server/`` as ``pruneserve.server``,
+    ``optimizer/`` as ``pruneserve.optimizer``); removed afterwards. The baseline runs in this
+    venv, so it must not need packages the venv lacks.
+    """
+    import shutil
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="pruneserve-baseline-"))
+    tree = work / "tree"
+    proc = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "worktree", "add", "--detach", "--force", str(tree), rev],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        shutil.rmtree(work, ignore_errors=True)
+        raise BenchmarkError(f"cannot check out baseline {rev!r}: {proc.stderr.strip()[-300:]}")
+    try:
+        package = work / "pkg" / "pruneserve"
+        shutil.copytree(tree / "pruneserve", package)
+        (package / "server").symlink_to(tree / "server", target_is_directory=True)
+        (package / "optimizer").symlink_to(tree / "optimizer", target_is_directory=True)
+        yield package.parent
+    finally:
+        subprocess.run(["git", "-C", str(REPO_ROOT), "worktree", "remove", "--force", str(tree)],
+                       capture_output=True, timeout=120)  # fmt: skip
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def scrape(port: int, names: Sequence[str]) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """Where a request's time goes, side by side: pruneserve variants, Triton and the in-process ceiling.
 
-``python -m benchmarks.server_latency [--rounds 3] [--seconds 2] [--concurrency 1,16] [--variant NAME=ARGS] [--floors]``
+``python -m benchmarks.server_latency [--rounds 3] [--seconds 2] [--concurrency 1,16] [--variant NAME=ARGS] [--floors] [--baseline REV]``
 ``python -m benchmarks.server_latency --stages`` (one request's stages in the data plane, no gRPC)
 
 The harness's server benchmark (``benchmarks/server.py``) measures one server after the other;
@@ -51,6 +51,7 @@ from benchmarks.server import (
     LoadSettings,
     ServerProcess,
     _parse_pa_csv,
+    checkout_baseline,
     ensure_perf_analyzer,
     inprocess_ceiling,
     scrape,
@@ -153,11 +154,14 @@ def run(
     triton_variants: dict[str, list[str]] | None = None,
     ceiling_spinning: Sequence[str] = (SPINNING,),
     floors: Sequence[str] = (),
+    baseline: str | None = None,
 ) -> dict[str, Any]:
     """Start every server, interleave the loads for ``rounds`` rounds; returns (and writes) the results.
 
     ``floors`` ('engine', 'transport') add pruneserve with that part taken away
-    (``floor_server.py``), as rows ``floor-engine`` and ``floor-transport``.
+    (``floor_server.py``), as rows ``floor-engine`` and ``floor-transport``. ``baseline`` (a
+    git revision) adds pruneserve as of that commit, row ``baseline``, and its engine floor when
+    floors are on (``baseline-floor-engine``): a code change measured side by side.
     """
     manifest = json.loads((artifact / "manifest.json").read_text())
     model = manifest["name"]
@@ -178,6 +182,13 @@ def run(
             servers[name] = stack.enter_context(
                 serving("pruneserve", artifact, model, threads, work / name, floor=floor)
             )
+        if baseline is not None:
+            path = stack.enter_context(checkout_baseline(baseline))
+            pairs = [("baseline", None)] + ([("baseline-floor-engine", "engine")] if "engine" in floors else [])
+            for name, floor in pairs:
+                servers[name] = stack.enter_context(
+                    serving("pruneserve", artifact, model, threads, work / name, floor=floor, pythonpath=path)
+                )
         if triton:
             servers["triton"] = stack.enter_context(serving("triton", artifact, model, threads, work / "triton"))
         for name, args in (triton_variants or {}).items():
@@ -211,6 +222,7 @@ def run(
         "threads": threads,
         "variants": variants,
         "floors": list(floors),
+        "baseline": baseline,
         "rounds": rounds,
         "seconds_per_window": seconds,
         "loads": loads,
@@ -350,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
         help="also run pruneserve with an instant engine (floor-engine) and with canned answers "
              "(floor-transport): what the server adds besides compute, and what gRPC alone costs",
     )  # fmt: skip
+    p.add_argument(
+        "--baseline", metavar="REV",
+        help="also run pruneserve as of git revision REV (a temporary worktree), to measure a change side by side",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, default=DEFAULT_RESULTS / "server_latency.json")
     p.add_argument("--stages", action="store_true", help="only time one request's stages in the data plane (no gRPC)")
     args = p.parse_args(argv)
@@ -371,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         args.artifact, args.threads, variants, [int(c) for c in args.concurrency.split(",")],
         args.rounds, args.seconds, args.out, triton=not args.no_triton, triton_variants=triton_variants,
         ceiling_spinning=args.ceiling_spinning.split(","), floors=FLOORS if args.floors else (),
+        baseline=args.baseline,
     )  # fmt: skip
     print(table(payload))
     print("load:", *payload["loads"], sep="\n  ")

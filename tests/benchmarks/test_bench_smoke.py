@@ -288,3 +288,21 @@ def test_floor_servers_answer_every_text_with_the_first_answer(tiny_artifact: Pa
         np.testing.assert_allclose(floor_first, first, atol=1e-5)
     np.testing.assert_array_equal(floor_second, floor_first)
     assert ("statistics" in floor_extensions) == (floor == "engine")
+
+
+def test_baseline_checkout_imports_pruneserve_of_that_commit(tmp_path: Path) -> None:
+    """``server_latency --baseline REV`` serves the old code: its package resolves to the worktree."""
+    import os
+    import subprocess
+
+    from benchmarks.server import checkout_baseline
+
+    probe = "import pruneserve, pruneserve.server.batcher as b, pruneserve.optimizer as o; print(b.__file__); print(o.__file__)"
+    with checkout_baseline("HEAD") as path:
+        out = subprocess.run(
+            [sys.executable, "-c", probe], cwd=path, env={**os.environ, "PYTHONPATH": str(path)},
+            capture_output=True, text=True, check=True,
+        ).stdout.split()
+        tree = path.parent / "tree"
+        assert [Path(f).resolve().is_relative_to(tree.resolve()) for f in out] == [True, True]
+    assert not path.exists()
