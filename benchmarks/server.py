@@ -400,12 +400,19 @@ def _parse_pa_csv(path: Path) -> dict[str, Any]:
 
 
 def inprocess_ceiling(
-    artifact: Path, threads: int, texts: Sequence[str], concurrency: int, seconds: float, spinning: str = SPINNING
+    artifact: Path,
+    threads: int,
+    texts: Sequence[str],
+    concurrency: int,
+    seconds: float,
+    spinning: str = SPINNING,
+    pause_s: float = 0.0,
 ) -> dict[str, Any]:
     """The same texts in full batches of ``concurrency``, tokenized and run straight through ONNX Runtime.
 
     No network, no queue: what a perfect server could do with these batches. Every text of a
-    batch waits for the whole batch, so latency = the batch's time.
+    batch waits for the whole batch, so latency = the batch's time. ``pause_s`` sleeps between
+    batches, as a closed-loop client's round trip leaves the engine idle between requests.
     """
     from tokenizers import Tokenizer
 
@@ -439,6 +446,8 @@ def inprocess_ceiling(
         one(batches[i % len(batches)])
         lat.append((time.perf_counter() - t0) * 1e3)
         i += 1
+        if pause_s:
+            time.sleep(pause_s)
     wall = time.perf_counter() - t_start
     return {
         "throughput_infer_s": len(lat) * concurrency / wall,
@@ -447,7 +456,8 @@ def inprocess_ceiling(
         "p99_ms": percentile(lat, 99),
         "mean_batch_size": float(concurrency),
         "stable": True,
-        "command": f"in-process: tokenizers + onnxruntime, {threads} threads, spinning {spinning}, batches of {concurrency}",
+        "command": f"in-process: tokenizers + onnxruntime, {threads} threads, spinning {spinning}, batches of {concurrency}"
+        + (f", {pause_s * 1e3:g} ms pause between batches" if pause_s else ""),
     }
 
 

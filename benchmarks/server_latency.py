@@ -1,6 +1,6 @@
 """Where a request's time goes, side by side: pruneserve variants, Triton and the in-process ceiling.
 
-``python -m benchmarks.server_latency [--rounds 3] [--seconds 2] [--concurrency 1,16] [--variant NAME=ARGS] [--floors] [--baseline REV]``
+``python -m benchmarks.server_latency [--rounds 3] [--seconds 2] [--concurrency 1,16] [--variant NAME=ARGS] [--floors] [--baseline REV] [--ceiling-pause-ms MS]``
 ``python -m benchmarks.server_latency --stages`` (one request's stages in the data plane, no gRPC)
 
 The harness's server benchmark (``benchmarks/server.py``) measures one server after the other;
@@ -155,6 +155,7 @@ def run(
     ceiling_spinning: Sequence[str] = (SPINNING,),
     floors: Sequence[str] = (),
     baseline: str | None = None,
+    ceiling_pause_ms: float = 0.0,
 ) -> dict[str, Any]:
     """Start every server, interleave the loads for ``rounds`` rounds; returns (and writes) the results.
 
@@ -162,6 +163,8 @@ def run(
     (``floor_server.py``), as rows ``floor-engine`` and ``floor-transport``. ``baseline`` (a
     git revision) adds pruneserve as of that commit, row ``baseline``, and its engine floor when
     floors are on (``baseline-floor-engine``): a code change measured side by side.
+    ``ceiling_pause_ms`` adds an in-process row that pauses between batches
+    (``in-process-pause``): the engine after an idle gap, as a server's is at low load.
     """
     manifest = json.loads((artifact / "manifest.json").read_text())
     model = manifest["name"]
@@ -193,7 +196,11 @@ def run(
             servers["triton"] = stack.enter_context(serving("triton", artifact, model, threads, work / "triton"))
         for name, args in (triton_variants or {}).items():
             servers[name] = stack.enter_context(serving("triton", artifact, model, threads, work / name, args))
-        ceilings = {("in-process" if m == ceiling_spinning[0] else f"in-process-{m}"): m for m in ceiling_spinning}
+        ceilings = {
+            ("in-process" if m == ceiling_spinning[0] else f"in-process-{m}"): (m, 0.0) for m in ceiling_spinning
+        }
+        if ceiling_pause_ms:
+            ceilings["in-process-pause"] = (ceiling_spinning[0], ceiling_pause_ms / 1e3)
         order = [*servers, *ceilings]
         for r in range(rounds):
             loads.append(uptime())
@@ -202,7 +209,8 @@ def run(
             for c in concurrencies:
                 for name in rotated:
                     if name in ceilings:
-                        row = inprocess_ceiling(artifact, threads, texts, c, seconds * 3, ceilings[name])
+                        mode, pause = ceilings[name]
+                        row = inprocess_ceiling(artifact, threads, texts, c, seconds * 3, mode, pause)
                     else:
                         row = measure(pa, servers[name], c, input_json, settings, work / f"{name}_c{c}.csv")
                     row["load"] = loads[-1].split("load average:")[-1].strip()
@@ -223,6 +231,7 @@ def run(
         "variants": variants,
         "floors": list(floors),
         "baseline": baseline,
+        "ceiling_pause_ms": ceiling_pause_ms,
         "rounds": rounds,
         "seconds_per_window": seconds,
         "loads": loads,
@@ -366,6 +375,10 @@ def main(argv: list[str] | None = None) -> int:
         "--baseline", metavar="REV",
         help="also run pruneserve as of git revision REV (a temporary worktree), to measure a change side by side",
     )  # fmt: skip
+    p.add_argument(
+        "--ceiling-pause-ms", type=float, default=0.0, metavar="MS",
+        help="also run the in-process ceiling with this pause between batches (row in-process-pause)",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, default=DEFAULT_RESULTS / "server_latency.json")
     p.add_argument("--stages", action="store_true", help="only time one request's stages in the data plane (no gRPC)")
     args = p.parse_args(argv)
@@ -387,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         args.artifact, args.threads, variants, [int(c) for c in args.concurrency.split(",")],
         args.rounds, args.seconds, args.out, triton=not args.no_triton, triton_variants=triton_variants,
         ceiling_spinning=args.ceiling_spinning.split(","), floors=FLOORS if args.floors else (),
-        baseline=args.baseline,
+        baseline=args.baseline, ceiling_pause_ms=args.ceiling_pause_ms,
     )  # fmt: skip
     print(table(payload))
     print("load:", *payload["loads"], sep="\n  ")

@@ -306,3 +306,14 @@ def test_baseline_checkout_imports_pruneserve_of_that_commit(tmp_path: Path) -> 
         tree = path.parent / "tree"
         assert [Path(f).resolve().is_relative_to(tree.resolve()) for f in out] == [True, True]
     assert not path.exists()
+
+
+def test_inprocess_ceiling_pauses_between_batches(tiny_artifact: Path) -> None:
+    """``--ceiling-pause-ms``: each batch is followed by the pause, so at most 1/pause batches a second."""
+    from benchmarks.server import inprocess_ceiling
+
+    texts = ["a short sentence", "another one", "and a third"]
+    plain = inprocess_ceiling(tiny_artifact, 1, texts, 1, 0.05)
+    paused = inprocess_ceiling(tiny_artifact, 1, texts, 1, 0.05, pause_s=0.02)
+    assert "pause" not in plain["command"] and "20 ms pause" in paused["command"]
+    assert paused["throughput_infer_s"] <= 1 / 0.02  # an upper bound the pause implies, not a speed
