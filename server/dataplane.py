@@ -18,7 +18,6 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -42,6 +41,10 @@ from pruneserve.server.types import (
 )
 
 logger = logging.getLogger(__name__)
+
+#: asyncio.timeout (Python 3.11+) bounds a request run alone without a task of its own.
+_HAS_TIMEOUT = hasattr(asyncio, "timeout")
+_ANSWER_LATE = "the request's deadline passed before its answer was computed; raise the client timeout or add capacity"
 
 #: Triton's platform string for ONNX models (clients and perf_analyzer read it).
 PLATFORM = "onnxruntime_onnx"
@@ -294,8 +297,8 @@ class DataPlane:
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceededError("the request's deadline had passed when it arrived; raise the client timeout")
             prepared = await self._prepare(rt, request)
-            if batcher.can_run_alone():
-                raw = await self._wait(batcher.run_alone(prepared), deadline)
+            if batcher.can_run_alone() and (deadline is None or _HAS_TIMEOUT):
+                raw = await self._run_alone(batcher, prepared, deadline)
             else:
                 raw = await self._wait(batcher.submit(prepared, deadline, rid), deadline)
             response = InferResponse(model, version, rt.make_outputs(prepared, raw), id=request.id)
@@ -346,17 +349,26 @@ class DataPlane:
         return await loop.run_in_executor(self._prep, rt.prepare, request, self.config.max_batch_size)
 
     @staticmethod
-    async def _wait(answer: Awaitable[dict[str, np.ndarray]], deadline: float | None) -> dict[str, np.ndarray]:
+    async def _run_alone(batcher: DynamicBatcher, prepared: Prepared, deadline: float | None) -> dict[str, np.ndarray]:
+        # Straight from this task: wait_for would wrap the run in a new task, which starts a
+        # loop iteration later, after other requests may have found the model idle too.
         if deadline is None:
-            return await answer
-        # On timeout wait_for cancels the answer, which tells the batcher to drop the work
-        # (or, for a request run alone, to free the worker once the engine run ends).
+            return await batcher.run_alone(prepared)
         try:
-            return await asyncio.wait_for(answer, timeout=max(0.0, deadline - time.monotonic()))
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):  # type: ignore[attr-defined]
+                return await batcher.run_alone(prepared)
+        except TimeoutError:
+            raise DeadlineExceededError(_ANSWER_LATE) from None
+
+    @staticmethod
+    async def _wait(future: asyncio.Future[dict[str, np.ndarray]], deadline: float | None) -> dict[str, np.ndarray]:
+        if deadline is None:
+            return await future
+        # On timeout wait_for cancels the future, which tells the batcher to drop the work.
+        try:
+            return await asyncio.wait_for(future, timeout=max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
-            raise DeadlineExceededError(
-                "the request's deadline passed before its answer was computed; raise the client timeout or add capacity"
-            ) from None
+            raise DeadlineExceededError(_ANSWER_LATE) from None
 
     # -- shadow traffic --------------------------------------------------------------------
     def _start_shadow(self) -> None:

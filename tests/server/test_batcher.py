@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -401,7 +402,9 @@ def test_a_lone_run_keeps_its_worker_after_its_caller_leaves(embedding_artifact:
             left.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await left
-        assert batcher.runs_alone == 1 and not batcher.can_run_alone()
+        # Before Python 3.11 a request with a deadline takes the scheduler's path.
+        assert batcher.runs_alone == (1 if how == "cancel" or sys.version_info >= (3, 11) else 0)
+        assert not batcher.can_run_alone()
         later = asyncio.ensure_future(dp.infer(text_request("tiny-embed", ["cats"])))
         await wait_for_pending(dp, "tiny-embed", 1)
         assert len(engine.runs) == 1  # still only the abandoned run
