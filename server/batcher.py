@@ -143,6 +143,9 @@ class DynamicBatcher:
 
     def start(self) -> None:
         """Start the scheduler on the running event loop."""
+        # The pending gauge exists from load, at 0: an autoscaler reading it must not see a
+        # missing series while every request runs alone and nothing ever queues.
+        self._publish_pending()
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(
                 self._schedule(), name=f"batcher-{self.runtime.name}-{self.runtime.version}"

@@ -382,6 +382,20 @@ def test_a_request_to_an_idle_model_runs_from_its_own_task(embedding_artifact: P
     assert _counter(metrics, "pruneserve_executions_total") == 3
 
 
+def test_pending_gauge_exists_at_zero_before_anything_queues(embedding_artifact: Path, run_dataplane) -> None:
+    """Requests that run alone never queue; the autoscaler's pending series must exist anyway."""
+
+    async def scenario(dp: DataPlane):
+        before = metrics.registry.get_sample_value("pruneserve_pending_requests", {"model": "tiny-embed"})
+        await dp.infer(text_request("tiny-embed", ["hello"]))
+        return before, dp.batcher("tiny-embed").runs_alone
+
+    metrics = Metrics()
+    before, alone = run_dataplane(_config(embedding_artifact), scenario, metrics)
+    assert before == 0 and alone == 1
+    assert metrics.registry.get_sample_value("pruneserve_pending_requests", {"model": "tiny-embed"}) == 0
+
+
 @pytest.mark.parametrize("how", ["deadline", "cancel"])
 def test_a_lone_run_keeps_its_worker_after_its_caller_leaves(embedding_artifact: Path, run_dataplane, how: str) -> None:
     """The engine cannot be stopped mid-run: the worker stays taken until the run really ends,
