@@ -25,10 +25,12 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -282,9 +284,6 @@ def checkout_baseline(rev: str) -> Iterator[Path]:
     ``optimizer/`` as ``pruneserve.optimizer``); removed afterwards. The baseline runs in this
     venv, so it must not need packages the venv lacks.
     """
-    import shutil
-    import tempfile
-
     work = Path(tempfile.mkdtemp(prefix="pruneserve-baseline-"))
     tree = work / "tree"
     proc = subprocess.run(
