@@ -208,9 +208,7 @@ class DynamicBatcher:
         self._idle.clear()
         self.idle_dispatches += 1
         self.runs_alone += 1
-        self.stats.queued(0)
-        if self._metrics is not None:
-            self._metrics.observe_queue(self.runtime.name, self.runtime.version, 0.0)
+        self._observe_wait(0.0)
         done = asyncio.wrap_future(work, loop=loop)
         self._inflight.add(done)
         done.add_done_callback(lambda fut: self._alone_done(fut, work))
@@ -228,16 +226,9 @@ class DynamicBatcher:
         if done.cancelled() and not work.done():
             # The caller went away but the engine still runs: the worker is not free yet.
             loop = done.get_loop()
-            work.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release_alone, done))
+            work.add_done_callback(lambda _: loop.call_soon_threadsafe(self._run_ended, done))
             return
-        self._release_alone(done)
-
-    def _release_alone(self, done: asyncio.Future[Any]) -> None:
-        self._inflight.discard(done)
-        self._slots.release()
-        self._check_idle()
-        if self.dispatch_when_idle and any(self._queues):
-            self._arrival.set()  # requests that queued during the run go at once
+        self._run_ended(done)
 
     def flush(self) -> None:
         """From now on run queued work at once, without waiting ``max_queue_delay`` for batch-mates."""
@@ -368,10 +359,7 @@ class DynamicBatcher:
         try:
             started = time.monotonic()
             for w in batch:
-                waited = started - w.enqueued
-                self.stats.queued(int(waited * 1e9))
-                if self._metrics is not None:
-                    self._metrics.observe_queue(self.runtime.name, self.runtime.version, waited)
+                self._observe_wait(started - w.enqueued)
             outcomes = await loop.run_in_executor(self._executor, self._execute, [w.prepared for w in batch])
             for w, outcome in zip(batch, outcomes):
                 if w.future.done():  # deadline passed or caller cancelled while computing
@@ -387,12 +375,21 @@ class DynamicBatcher:
             if not isinstance(exc, (asyncio.CancelledError, RuntimeError)):
                 raise
         finally:
-            self._slots.release()
-            self._inflight.discard(asyncio.current_task())  # type: ignore[arg-type]
-            self._check_idle()
-            if self.dispatch_when_idle:
-                # The model may be idle now: requests that queued during this run go at once.
-                self._arrival.set()
+            self._run_ended(asyncio.current_task())  # type: ignore[arg-type]
+
+    def _observe_wait(self, waited: float) -> None:
+        self.stats.queued(int(waited * 1e9))
+        if self._metrics is not None:
+            self._metrics.observe_queue(self.runtime.name, self.runtime.version, waited)
+
+    def _run_ended(self, running: asyncio.Future[Any]) -> None:
+        """A batch task or a lone run finished: free its worker and wake the scheduler."""
+        self._slots.release()
+        self._inflight.discard(running)
+        self._check_idle()
+        if self.dispatch_when_idle:
+            # The model may be idle now: requests that queued during this run go at once.
+            self._arrival.set()
 
     def _execute(self, batch: list[Prepared]) -> list[Result | BaseException]:
         """Worker thread: run the batch; on failure run each request alone to isolate the culprit."""

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -263,10 +265,10 @@ def test_floor_servers_answer_every_text_with_the_first_answer(tiny_artifact: Pa
     """
     tritonclient = pytest.importorskip("tritonclient.grpc")
 
-    from benchmarks.server import serving
+    from benchmarks.server import ServerProcess, serving
 
-    def answers(server: object) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        client = tritonclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")  # type: ignore[attr-defined]
+    def answers(server: ServerProcess) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        client = tritonclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
         out = []
         for text in ("a short sentence", "an entirely different and somewhat longer sentence about servers"):
             inp = tritonclient.InferInput("text", [1, 1], "BYTES")
@@ -290,11 +292,8 @@ def test_floor_servers_answer_every_text_with_the_first_answer(tiny_artifact: Pa
     assert ("statistics" in floor_extensions) == (floor == "engine")
 
 
-def test_baseline_checkout_imports_pruneserve_of_that_commit(tmp_path: Path) -> None:
+def test_baseline_checkout_imports_pruneserve_of_that_commit() -> None:
     """``server_latency --baseline REV`` serves the old code: its package resolves to the worktree."""
-    import os
-    import subprocess
-
     from benchmarks.server import checkout_baseline
 
     probe = "import pruneserve, pruneserve.server.batcher as b, pruneserve.optimizer as o; print(b.__file__); print(o.__file__)"
