@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._common import BENCHMARKS, DEFAULT_RESULTS, REPO_ROOT, BenchConfig, BenchmarkError, machine_info
+from pruneserve.outputs import mark_output_dir
 
 logger = logging.getLogger("benchmarks")
 
@@ -80,6 +81,7 @@ def run(cfg: BenchConfig, markdown: Path | None) -> int:
     from benchmarks import tables
 
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    mark_output_dir(cfg.out_dir, "results")  # so a later run (or --overwrite) knows the harness made it
     info = machine_info(cfg.command)
     # The machine section (and machine.json) describe the run that every table comes from. A
     # partial run leaves them alone and stamps the sections it rewrites with its own command.

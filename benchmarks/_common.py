@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from pruneserve.ort_options import DEFAULT_SPINNING, spinning_entries
+from pruneserve.outputs import OutputError, check_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,11 @@ class BenchConfig:
         if unknown_presets:
             raise BenchmarkError(f"presets {unknown_presets} unknown; choose from {list(PRESETS)}")
         self.out_dir = Path(self.out_dir)
+        # Results are updated in place, so only a new or empty folder or one this harness wrote.
+        try:
+            check_output_dir(self.out_dir, overwrite=True, kind="results")
+        except OutputError as exc:
+            raise BenchmarkError(str(exc)) from None
         if self.artifact_cache is None:
             self.artifact_cache = self.out_dir / "artifacts"
 

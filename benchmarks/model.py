@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ from benchmarks._common import (
 )
 from benchmarks.ceilings import Ceilings, measure_ceilings, model_flops
 from benchmarks.optimizer_bench import run_optimize
+from pruneserve.outputs import OutputError, check_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -347,11 +347,14 @@ def build_artifacts(cfg: BenchConfig) -> tuple[dict[str, Path], list[str]]:
         if stale:
             logger.info("cached %s was built by other (or unknown) optimizer code; rebuilding", dest)
         if stale or not (dest / "manifest.json").is_file():
-            if dest.exists():
-                shutil.rmtree(dest)
-            dest.parent.mkdir(parents=True, exist_ok=True)
             try:
-                record = run_optimize(preset, dest, timeout=3600)
+                # `optimize --overwrite` replaces the cached artifact atomically and refuses any
+                # other folder, so nothing the harness did not build is ever deleted.
+                check_output_dir(dest, overwrite=True, kind="artifact")
+                record = run_optimize(preset, dest, timeout=3600, extra=["--overwrite"] if dest.exists() else None)
+            except OutputError as exc:
+                notes.append(f"cannot rebuild the cached {preset} artifact: {exc}; its rows are skipped.")
+                continue
             except BenchmarkError as exc:
                 notes.append(f"{exc}; its rows are skipped.")
                 continue

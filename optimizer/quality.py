@@ -1,12 +1,14 @@
 """How close a (pruned, masked or quantized) model stays to the original: one measure for all stages.
 
 Embedding models: cosine similarity between the student's and the teacher's embedding of
-each evaluation text (mean and minimum). Classifiers: accuracy against the data's labels
-(or agreement with the teacher's predictions when the data has none) and label agreement.
+each evaluation text (mean and minimum). Classifiers: accuracy against the data's labels and
+agreement with the teacher's predictions; data without labels has no accuracy to measure, so
+only the agreement is (``labeled=False``, ``accuracy`` None) and nothing calls it accuracy.
 
 :attr:`Quality.score` folds this into one number in ``[0, 1]`` where 1 means "as good as the
-original": the mean cosine for embedding models, ``1 - accuracy drop`` for classifiers. The
-search's quality floor compares against it.
+original": the mean cosine for embedding models, ``1 - accuracy drop`` for classifiers (the
+agreement without labels: every changed prediction counts against it). The search's quality
+floor compares against it.
 """
 
 from __future__ import annotations
@@ -33,12 +35,18 @@ class Quality:
     accuracy: float | None = None
     teacher_accuracy: float | None = None
     agreement: float | None = None
+    #: Classifiers: whether the data had labels (``accuracy`` is measured only then).
+    labeled: bool | None = None
 
     @property
     def score(self) -> float:
-        """One number, 1.0 = unchanged: mean cosine (embedding) or 1 - accuracy drop (classifier)."""
+        """One number, 1.0 = unchanged: mean cosine (embedding), 1 - accuracy drop (labeled
+        classifier data) or agreement with the original's predictions (unlabeled)."""
         if self.task == "classification":
-            assert self.accuracy is not None and self.teacher_accuracy is not None
+            if self.accuracy is None:
+                assert self.agreement is not None
+                return self.agreement
+            assert self.teacher_accuracy is not None
             return 1.0 - (self.teacher_accuracy - self.accuracy)
         assert self.mean_cosine is not None
         return self.mean_cosine
@@ -52,6 +60,8 @@ class Quality:
     def describe(self) -> str:
         """A short human-readable summary for logs and reports."""
         if self.task == "classification":
+            if self.accuracy is None:
+                return f"agreement with the original's predictions {self.agreement:.4f} (no labels: accuracy not measured)"
             return f"accuracy {self.accuracy:.4f} (original {self.teacher_accuracy:.4f}), agreement {self.agreement:.4f}"
         return f"mean cosine {self.mean_cosine:.4f} (min {self.min_cosine:.4f})"
 
@@ -80,7 +90,8 @@ def fidelity(
     """Compare ``student`` (optionally under 0/1 gate masks) to the teacher's outputs.
 
     ``teacher`` comes from :func:`teacher_outputs` on the same ``batches``. For classifiers the
-    reference labels are the batches' labels when present, else the teacher's predictions.
+    reference labels are the batches' labels when present; without them only the agreement
+    with the teacher's predictions is measured (see :func:`classifier_quality`).
     """
     import torch
     import torch.nn.functional as F
@@ -91,29 +102,36 @@ def fidelity(
     was_training = student.training
     student.eval()
     cosines: list[Tensor] = []
-    correct = teacher_correct = agree = total = 0
+    predictions: list[tuple[Any, Any, Any]] = []
     try:
         with torch.no_grad():
             for batch, reference in zip(batches, teacher):
                 out = student(**batch.inputs, head_gates=head_gates, ffn_gates=ffn_gates)
                 if task == "classification":
-                    pred, teacher_pred = out.argmax(-1), reference.argmax(-1)
-                    labels = batch.labels if batch.labels is not None else teacher_pred
-                    correct += int((pred == labels).sum())
-                    teacher_correct += int((teacher_pred == labels).sum())
-                    agree += int((pred == teacher_pred).sum())
-                    total += int(pred.numel())
+                    predictions.append((out.argmax(-1).numpy(), reference.argmax(-1).numpy(),
+                                        None if batch.labels is None else batch.labels.numpy()))
                 else:
                     cosines.append(F.cosine_similarity(out.float(), reference.float(), dim=-1))
     finally:
         student.train(was_training)
     if task == "classification":
-        return Quality(
-            task=task,
-            examples=total,
-            accuracy=correct / total,
-            teacher_accuracy=teacher_correct / total,
-            agreement=agree / total,
-        )
+        return classifier_quality(predictions)
     cos = torch.cat(cosines)
     return Quality(task=task, examples=int(cos.numel()), mean_cosine=float(cos.mean()), min_cosine=float(cos.min()))
+
+
+def classifier_quality(predictions: Sequence[tuple[Any, Any, Any]]) -> Quality:
+    """A classifier's quality from ``(predicted, teacher predicted, labels or None)`` index
+    arrays per batch: accuracy (and the original's) on labeled data, agreement always."""
+    correct = teacher_correct = agree = total = 0
+    labeled = all(labels is not None for _, _, labels in predictions)
+    for pred, teacher_pred, labels in predictions:
+        agree += int((pred == teacher_pred).sum())
+        total += int(pred.size)
+        if labeled:
+            correct += int((pred == labels).sum())
+            teacher_correct += int((teacher_pred == labels).sum())
+    if not labeled:
+        return Quality("classification", total, agreement=agree / total, labeled=False)
+    return Quality("classification", total, accuracy=correct / total, teacher_accuracy=teacher_correct / total,
+                   agreement=agree / total, labeled=True)

@@ -41,6 +41,7 @@ import numpy as np
 import onnx
 
 from pruneserve.optimizer.errors import ConfigError, QuantizationError
+from pruneserve.optimizer.static_int8 import METHODS as STATIC_METHODS
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,12 @@ class QuantizeConfig:
         candidates: the modes ``auto`` builds and measures on a CPU target.
         per_channel: one weight scale per output channel instead of per tensor.
         calibration_size: texts used to calibrate activation ranges (``static`` only).
-        calibration_method: how ranges are taken from the calibration activations.
+        calibration_method: how ranges are taken from the calibration activations (static
+            INT8 of embedding models: the ONNX Runtime calibration tried first).
+        static_method: who builds static INT8 of embedding models (static_int8.py): ``auto``
+            (NNCF, then ONNX Runtime's static quantizer; ONNX Runtime's alone where NNCF is
+            not installed, said in the log and the manifest), ``nncf`` (fails before any work
+            where NNCF is missing) or ``ort``. CLI: ``--int8-method``.
         sensitivity_fallback: when the quality floor is missed, keep the most sensitive
             nodes in float instead of failing at once (static INT8 of embedding models too,
             through static_int8.py's ONNX Runtime search).
@@ -105,6 +111,7 @@ class QuantizeConfig:
     per_channel: bool = True
     calibration_size: int = 256
     calibration_method: str = "minmax"
+    static_method: str = "auto"
     sensitivity_fallback: bool = True
     max_excluded_nodes: int = 8
     keep_fp32_ops: list[str] = field(default_factory=lambda: list(FP16_KEEP_FP32_OPS))
@@ -122,6 +129,12 @@ class QuantizeConfig:
         if self.calibration_method not in CALIBRATION_METHODS:
             raise ConfigError(
                 f"calibration_method {self.calibration_method!r} is not one of {CALIBRATION_METHODS}"
+            )
+        if self.static_method not in STATIC_METHODS:
+            raise ConfigError(
+                f"quantize.static_method={self.static_method!r} is not one of {', '.join(STATIC_METHODS)}; "
+                "use auto (NNCF where installed, else ONNX Runtime's static quantizer)",
+                key="quantize.static_method",
             )
         if not isinstance(self.calibration_size, int) or self.calibration_size < 1:
             raise ConfigError(

@@ -185,10 +185,13 @@ def search(
     teacher_score: Sequence[Tensor],
     teacher_eval: Sequence[Tensor],
     progress: bool = False,
+    first: Importance | None = None,
 ) -> SearchResult:
     """Find masks that meet ``budget`` on the unpruned ``encoder`` (which is not modified).
 
     ``teacher_score``/``teacher_eval`` are the unpruned model's outputs on the two splits.
+    ``first``: the unpruned model's scores when they were computed before (``prune --scores``);
+    they replace the first scoring pass.
     Raises :class:`BudgetError` when the fractions exceed what the protection rules allow, or
     when no step at all keeps quality above the floor.
     """
@@ -234,7 +237,7 @@ def search(
                 f"and min_heads_per_layer={budget.min_heads_per_layer} keep some, so at most {limit} "
                 f"({limit / total:.3f}) can go; lower the fraction or relax the protection"
             )
-    first = score(head_mask, ffn_mask)
+    first = score(head_mask, ffn_mask) if first is None else first
     trace = [point(0, head_mask, ffn_mask)]
     current = first
     if budget.quality_floor is None:

@@ -8,7 +8,9 @@ rounding of the non-quantized parts.
 
 Two producers of the same artifact form (ONNX QDQ: ``QuantizeLinear``/``DequantizeLinear``
 pairs around the ``MatMul`` nodes of the **unfused** graph) are compared and the first that
-meets the quality floor is kept:
+meets the quality floor is kept (``auto``: NNCF first, then ONNX Runtime; where NNCF is not
+installed ``auto`` runs ONNX Runtime's alone, says so at WARNING and records why in the
+result, so the optimizer without the ``openvino`` extra still builds static INT8):
 
 ``nncf``
     NNCF's ONNX backend (``nncf.quantize`` with ``ModelType.TRANSFORMER``): SmoothQuant
@@ -30,12 +32,14 @@ contrib ops the QDQ pairs have no INT8 kernel to fold into and run as float; Ope
 ONNX QDQ directly and runs INT8 convolutions/matmuls from it. Both therefore take the
 quantized **unfused** export, never the fused graph.
 
-Entry point: :func:`quantize_static_int8`.
+Entry points: :func:`quantize_static_int8`; :func:`check_static_method` (the optimizer's
+preflight: a method that cannot run here fails before any work).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import shutil
 import tempfile
@@ -43,13 +47,16 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 
 from pruneserve.optimizer.errors import ConfigError, QuantizationError
 from pruneserve.ort_options import spinning_entries
+
+if TYPE_CHECKING:
+    from pruneserve.optimizer.quantize import QuantizeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +72,8 @@ ORT_CALIBRATIONS: tuple[str, ...] = ("minmax", "percentile", "entropy")
 #: Static INT8 and fp32 keep answers fixed up to float rounding in the non-quantized ops
 #: (~1e-8 measured on MiniLM): far below dynamic INT8's ~3e-2.
 DEFAULT_INVARIANCE_TOLERANCE = 1e-4
+#: What brings NNCF (with OpenVINO): said wherever NNCF is missing.
+NNCF_INSTALL = "pip install 'pruneserve[openvino]'"
 
 
 @dataclass(frozen=True)
@@ -72,7 +81,8 @@ class StaticInt8Config:
     """How :func:`quantize_static_int8` searches.
 
     Attributes:
-        method: ``auto`` (NNCF first, then ONNX Runtime), ``nncf`` or ``ort``.
+        method: ``auto`` (NNCF first, then ONNX Runtime; ONNX Runtime alone where NNCF is not
+            installed), ``nncf`` or ``ort``.
         nncf_presets: NNCF presets to try in order (``performance`` = S8S8 symmetric, TensorRT-ready).
         smooth_quant_alpha: SmoothQuant migration strength for ``MatMul`` (NNCF); None = off.
         fast_bias_correction: NNCF's bias correction after quantizing.
@@ -136,7 +146,12 @@ class Attempt:
 
 @dataclass
 class StaticInt8Result:
-    """The kept static INT8 graph and how it was chosen."""
+    """The kept static INT8 graph and how it was chosen.
+
+    ``requested_method`` is what was asked for (``auto``, ``nncf``, ``ort``); ``method`` the
+    producer of the kept graph; ``fallback`` why that is not NNCF under ``auto`` (NNCF not
+    installed, failed, or missed the floor), None when nothing fell back.
+    """
 
     path: Path
     method: str
@@ -144,6 +159,8 @@ class StaticInt8Result:
     batch_invariance: float
     settings: dict[str, Any]
     tried: list[dict[str, Any]] = field(default_factory=list)
+    requested_method: str = "auto"
+    fallback: str | None = None
 
     def to_manifest(self) -> dict[str, Any]:
         """The ``manifest.quantization`` record."""
@@ -151,11 +168,86 @@ class StaticInt8Result:
             "mode": "static",
             "format": "QDQ",
             "method": self.method,
+            "requested_method": self.requested_method,
+            "fallback": self.fallback,
             "fidelity": self.fidelity,
             "batch_invariance": self.batch_invariance,
             "settings": self.settings,
             "tried": self.tried,
         }
+
+
+# =========================================================================================
+# Which method runs here
+# =========================================================================================
+def _one_line(exc: BaseException | str, limit: int = 200) -> str:
+    """An exception as one short line (import errors can span lines)."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def nncf_unavailable(*, load: bool = True) -> str | None:
+    """Why NNCF cannot run here, or None when it can.
+
+    ``load=False`` only looks the package up (milliseconds: what the preflight can afford);
+    ``load=True`` imports it (seconds), which also catches an NNCF that is installed but
+    breaks on import (a version clash), as the build itself would.
+    """
+    if not load:
+        try:
+            found = importlib.util.find_spec("nncf") is not None
+        except (ImportError, ValueError) as exc:
+            return f"{type(exc).__name__}: {_one_line(exc)}"
+        return None if found else "No module named 'nncf'"
+    try:
+        import nncf  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - an installed NNCF can fail to import with anything
+        return f"{type(exc).__name__}: {_one_line(exc)}"
+    return None
+
+
+def resolve_static_method(method: str, *, load: bool = True) -> tuple[str, str | None]:
+    """The method :func:`quantize_static_int8` runs for ``method`` here, and why it is another.
+
+    Returns ``(method to run, fallback)``: ``auto`` stays ``auto`` (NNCF, then ONNX Runtime)
+    where NNCF imports and becomes ``ort`` where it does not, with the reason as ``fallback``
+    (None when nothing falls back). ``load`` as in :func:`nncf_unavailable`.
+
+    Raises:
+        ConfigError: ``method`` is unknown, or is ``nncf`` and NNCF cannot run here (the
+            message names the package to install and the flag that avoids it).
+    """
+    if method not in METHODS:
+        raise ConfigError(
+            f"static INT8 method {method!r} is not one of {', '.join(METHODS)}; use auto (NNCF where installed, "
+            "else ONNX Runtime)"
+        )
+    if method == "ort":
+        return method, None
+    why = nncf_unavailable(load=load)
+    if why is None:
+        return method, None
+    if method == "nncf":
+        raise ConfigError(
+            f"static INT8 method 'nncf' needs the nncf package, which cannot be imported here ({why}); install it "
+            f"with {NNCF_INSTALL}, or use ONNX Runtime's quantizer: --int8-method ort (quantize.static_method: ort)",
+            key="quantize.static_method",
+        )
+    return "ort", (
+        f"nncf cannot be imported here ({why}), so static INT8 uses ONNX Runtime's static quantizer instead of NNCF; "
+        f"{NNCF_INSTALL} adds NNCF (SmoothQuant calibration, usually closer to fp32)"
+    )
+
+
+def check_static_method(quantize: QuantizeConfig) -> None:
+    """Preflight (milliseconds): fail before any work when the static INT8 method asked for
+    cannot run here; nothing to check when no static INT8 graph will be built.
+
+    Raises:
+        ConfigError: as :func:`resolve_static_method`.
+    """
+    if quantize.mode == "static" or (quantize.mode == "auto" and "static" in quantize.candidates):
+        resolve_static_method(quantize.static_method, load=False)
 
 
 # =========================================================================================
@@ -277,7 +369,8 @@ def quantize_nncf(
         import nncf
     except ImportError as exc:
         raise QuantizationError(
-            f"the NNCF method needs the nncf package ({exc}); install `pruneserve[openvino]` or use method 'ort'"
+            f"static INT8 method 'nncf' needs the nncf package ({_one_line(exc)}); install it with {NNCF_INSTALL}, "
+            "or use ONNX Runtime's quantizer: --int8-method ort (quantize.static_method: ort)"
         ) from None
     model = onnx.load(str(fp32_path))
     inputs = [i.name for i in model.graph.input]
@@ -557,7 +650,9 @@ def quantize_static_int8(
         eval_feeds: held-out batches, disjoint from the calibration texts.
         reference_outputs: the fp32 model's first output on each of ``eval_feeds``.
         quality_floor: least mean cosine to the reference accepted.
-        method: ``auto`` (NNCF, then ONNX Runtime), ``nncf`` or ``ort``.
+        method: ``auto`` (NNCF, then ONNX Runtime; ONNX Runtime alone where NNCF cannot be
+            imported, logged at WARNING and recorded as the result's ``fallback``), ``nncf``
+            or ``ort``.
         config: search settings; ``method`` overrides ``config.method``.
 
     Returns:
@@ -567,7 +662,7 @@ def quantize_static_int8(
 
     Raises:
         QuantizationError: no setting passed; the message lists what each one measured.
-        ConfigError: bad method or settings.
+        ConfigError: bad method or settings, or ``nncf`` where NNCF cannot be imported.
     """
     config = StaticInt8Config(**{**asdict(config or StaticInt8Config()), "method": method})
     if not calibration_feeds:
@@ -587,6 +682,9 @@ def quantize_static_int8(
             f"{src.name} is a fused graph ({sorted(fused)}); static QDQ on fused contrib ops runs in float. "
             "Pass the unfused fp32 export"
         )
+    run_method, fallback = resolve_static_method(config.method)
+    if fallback:
+        logger.warning("static INT8: %s", fallback)
     tried: list[Attempt] = []
     best: tuple[Attempt, Path] | None = None
     with tempfile.TemporaryDirectory(prefix="static-int8-") as tmp:
@@ -612,7 +710,7 @@ def quantize_static_int8(
             return record.passed
 
         done = False
-        if config.method in ("auto", "nncf"):
+        if run_method in ("auto", "nncf"):
             for preset in config.nncf_presets:
                 settings = {"preset": preset}
                 if attempt(
@@ -626,7 +724,7 @@ def quantize_static_int8(
                 ):
                     done = True
                     break
-        if not done and config.method in ("auto", "ort"):
+        if not done and run_method in ("auto", "ort"):
             for calibration in config.ort_calibrations:
                 cache = work / f"ranges-{calibration}.json"
                 if attempt(
@@ -668,6 +766,10 @@ def quantize_static_int8(
         record, path = best
         shutil.copyfile(path, dst)
     assert record.fidelity is not None and record.batch_invariance is not None
+    if fallback is None and config.method == "auto" and record.method != "nncf":
+        # NNCF ran but did not give the kept graph: say what it measured, not only that ORT won.
+        fallback = ("NNCF did not give the kept graph (" + "; ".join(a.describe() for a in tried if a.method == "nncf")
+                    + "); ONNX Runtime's static quantizer kept instead")
     logger.info("static INT8 kept %s -> %s", record.describe(), dst)
     return StaticInt8Result(
         path=dst,
@@ -676,21 +778,27 @@ def quantize_static_int8(
         batch_invariance=record.batch_invariance,
         settings=record.settings,
         tried=[asdict(a) for a in tried],
+        requested_method=config.method,
+        fallback=fallback,
     )
 
 
 __all__ = [
     "DEFAULT_INVARIANCE_TOLERANCE",
     "METHODS",
+    "NNCF_INSTALL",
     "StaticInt8Config",
     "StaticInt8Result",
     "batch_invariance",
+    "check_static_method",
     "fidelity",
     "mean_cosine",
+    "nncf_unavailable",
     "ort_runner",
     "quantize_nncf",
     "quantize_ort",
     "quantize_static_int8",
+    "resolve_static_method",
     "split_items",
     "stack_items",
     "weight_matmuls",

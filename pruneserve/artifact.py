@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,8 @@ REFERENCE_FILE = "reference.onnx"
 
 Task = Literal["embedding", "classification"]
 TASKS: tuple[str, ...] = ("embedding", "classification")
+#: How an embedding model pools its token states (inside the graph), as sentence-transformers names them.
+POOLINGS: tuple[str, ...] = ("mean", "cls", "max")
 #: ONNX input names an artifact may declare, in this order.
 KNOWN_INPUTS: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids")
 _CHUNK = 1 << 20
@@ -143,6 +144,10 @@ class Manifest:
     target: str = "cpu"
     opset: int | None = None
     created_at: str | None = None
+    #: Embedding models: the pooling (one of POOLINGS) and whether the embedding is L2-normalised,
+    #: both computed inside the graph. None for classifiers and for artifacts made before they were recorded.
+    pooling: str | None = None
+    normalize: bool | None = None
     #: relative file name -> {"sha256": hex, "size": bytes}; filled by write_artifact.
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
@@ -172,6 +177,13 @@ class Manifest:
             )
         if not self.outputs:
             raise ManifestError("manifest declares no outputs")
+        if self.pooling is not None and self.pooling not in POOLINGS:
+            raise ManifestError(f"pooling {self.pooling!r} is not one of {POOLINGS}")
+        if self.task != "embedding" and (self.pooling is not None or self.normalize is not None):
+            raise ManifestError(
+                f"a {self.task} model has no pooling or normalisation (got pooling={self.pooling!r}, "
+                f"normalize={self.normalize!r}); set both to null"
+            )
         if self.task == "classification":
             n = self.outputs[0].dims[-1]
             if len(self.labels) != n:
@@ -192,13 +204,15 @@ class Manifest:
         """
         for name in ("name", "task", "model_file", "target"):
             _expect(name, getattr(self, name), isinstance(getattr(self, name), str), "a string")
-        for name in ("tokenizer_file", "reference_file", "created_at"):
+        for name in ("tokenizer_file", "reference_file", "created_at", "pooling"):
             value = getattr(self, name)
             _expect(name, value, value is None or isinstance(value, str), "a string or null")
         for name in ("version", "max_sequence_length", "schema_version"):
             _expect(name, getattr(self, name), _is_int(getattr(self, name)), "an integer")
         _expect("opset", self.opset, self.opset is None or _is_int(self.opset), "an integer or null")
         _expect("batch_invariant", self.batch_invariant, isinstance(self.batch_invariant, bool), "true or false")
+        _expect("normalize", self.normalize, self.normalize is None or isinstance(self.normalize, bool),
+                "true, false or null")
         floor = self.quality_floor
         _expect(
             "quality_floor", floor,
@@ -329,17 +343,6 @@ def _resolve_inside(root: Path, name: str) -> Path:
     return path
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_artifact(
     out_dir: str | os.PathLike[str],
     manifest: Manifest,
@@ -352,20 +355,21 @@ def write_artifact(
     ``sources`` maps each file name inside the artifact to a source path (copied) or bytes.
     Every file the manifest names (model, tokenizer, reference) must be among them. The
     directory is assembled in a hidden sibling folder and renamed into place at the end;
-    on any error the sibling is removed and ``out_dir`` is untouched.
+    on any error the sibling is removed and ``out_dir`` is untouched. ``out_dir`` may be new or
+    empty; with ``overwrite`` it may also be an artifact holding nothing else
+    (:func:`pruneserve.outputs.check_output_dir`); anything else raises
+    :class:`~pruneserve.outputs.OutputError` and is left alone.
     """
-    out = Path(out_dir).resolve()
-    if out.exists() and not overwrite:
-        raise ArtifactError(f"{out} already exists; choose another --out or pass --overwrite")
+    # Imported here: pruneserve.outputs reads manifests through this module.
+    from pruneserve.outputs import atomic_output_dir
+
+    out = Path(out_dir).expanduser().resolve()
     for required in (manifest.model_file, manifest.tokenizer_file, manifest.reference_file):
         if required is not None and required not in sources:
             raise ArtifactError(f"the manifest names {required!r} but no such file was given")
     if MANIFEST_NAME in sources:
         raise ArtifactError(f"{MANIFEST_NAME} is written by write_artifact itself")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_output_dir(out_dir, kind="artifact", overwrite=overwrite) as tmp:
         files: dict[str, dict[str, Any]] = {}
         for name, src in sorted(sources.items()):
             dest = _resolve_inside(tmp, name)
@@ -383,18 +387,6 @@ def write_artifact(
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-        _fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("wrote artifact %s (%d files)", out, len(files) + 1)
     return load_artifact(out)
 

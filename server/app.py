@@ -1,8 +1,9 @@
 """Builds and runs the gRPC server: transport, health, reflection, TLS and graceful shutdown.
 
 ``create_server(config)`` returns a started :class:`InferenceServer` and the port it bound
-(``grpc_port=0`` picks a free one, as tests do). ``serve(config)`` is what
-``pruneserve serve`` runs: it waits for SIGTERM/SIGINT and then shuts down gracefully:
+(``grpc_port=0`` picks a free one, as tests do; so does ``metrics_port=0``). ``serve(config)``
+is what ``pruneserve serve`` runs: it loads the artifacts, exits with an error when none loads
+(unless ``exit_on_error`` is off), waits for SIGTERM/SIGINT and then shuts down gracefully:
 
 1. health turns NOT_SERVING for every service (probes and watchers move away first);
 2. new RPCs are refused with UNAVAILABLE ("shutting down"), health checks excepted;
@@ -30,7 +31,7 @@ from pruneserve.server._proto import POOL
 from pruneserve.server._proto import grpc_service_pb2 as pb
 from pruneserve.server._proto import grpc_service_pb2_grpc as pb_grpc
 from pruneserve.server.config import ServeConfig
-from pruneserve.server.errors import ConfigError
+from pruneserve.server.errors import ConfigError, ModelLoadError
 from pruneserve.server.health import HealthReporter
 from pruneserve.server.interceptors import DrainInterceptor, ErrorInterceptor
 from pruneserve.server.servicer import InferenceServicer
@@ -82,12 +83,15 @@ class InferenceServer:
 
     @property
     def metrics_port(self) -> int | None:
-        """The bound Prometheus port, or None when the endpoint is off."""
+        """The bound Prometheus port, or None when the endpoint is off or not started."""
         return self._metrics_http[0].server_port if self._metrics_http else None
 
     def start_metrics_endpoint(self) -> None:
-        """Serve ``/metrics`` on ``metrics_host:metrics_port`` (a no-op when the port is 0)."""
-        if self.config.metrics_port == 0 or self._metrics_http is not None:
+        """Serve ``/metrics`` on ``metrics_host:metrics_port`` (0 = a free port; a no-op when ``metrics`` is off)."""
+        if self._metrics_http is not None:
+            return
+        if not self.config.metrics:
+            logger.info("metrics endpoint off (--no-metrics)")
             return
         from pruneserve.server.metrics import start_http_server
 
@@ -98,8 +102,10 @@ class InferenceServer:
         except OSError as exc:
             raise ConfigError(
                 f"cannot serve metrics on {join_host_port(self.config.metrics_host, self.config.metrics_port)}: {exc.strerror}; "
-                "choose another --metrics-port (0 turns the endpoint off)"
+                "choose another --metrics-port (0 = any free one), or --no-metrics"
             ) from None
+        # The bound port, not the configured one: with --metrics-port 0 this line is how to find it.
+        logger.info("metrics at http://%s/metrics", join_host_port(self.config.metrics_host, self.metrics_port or 0))
 
     async def stop(self, grace: float | None = None) -> None:
         """Shut down gracefully (see the module docstring); concurrent calls share one shutdown."""
@@ -261,8 +267,27 @@ async def create_server(config: ServeConfig, dataplane: DataPlane | None = None)
 
 
 async def serve(config: ServeConfig) -> int:
-    """Run until SIGTERM or SIGINT, then shut down gracefully; returns the exit code (0)."""
-    server, _ = await create_server(config)
+    """Load the artifacts, serve until SIGTERM or SIGINT, then shut down gracefully; returns 0.
+
+    Raises:
+        ModelLoadError: no artifact loaded and ``config.exit_on_error`` is on (each refusal is
+            already logged); nothing was bound.
+        ConfigError: an address cannot be bound or a TLS file is unusable.
+    """
+    from pruneserve.server.dataplane import DataPlane
+
+    server_credentials(config)  # bad TLS files fail before loading models, which takes seconds
+    dataplane = DataPlane(config)
+    await dataplane.start()
+    if not dataplane.model_names():
+        if config.exit_on_error:
+            await dataplane.stop()  # nothing was accepted, so this returns at once
+            raise ModelLoadError(
+                f"no artifact could be loaded ({len(config.artifacts)} given, each refusal logged above); fix or "
+                "replace them, or pass --no-exit-on-error to stay up without models (not ready)"
+            )
+        logger.warning("no artifact could be loaded; staying up, not ready, until stopped (--no-exit-on-error)")
+    server, _ = await create_server(config, dataplane)
     try:
         server.start_metrics_endpoint()
     except ConfigError:

@@ -62,7 +62,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     serve.add_argument("--host", help=f"gRPC listen address (default {default('host')})")
     serve.add_argument("--grpc-port", type=int, help=f"gRPC port, 0 = any free one (default {default('grpc_port')})")
     serve.add_argument("--metrics-host", help=f"Prometheus listen address (default {default('metrics_host')})")
-    serve.add_argument("--metrics-port", type=int, help=f"Prometheus port, 0 = off (default {default('metrics_port')})")
+    serve.add_argument(
+        "--metrics-port", type=int,
+        help=f"Prometheus port, 0 = any free one, named in the log (default {default('metrics_port')})",
+    )  # fmt: skip
+    serve.add_argument(
+        "--metrics", action=argparse.BooleanOptionalAction,
+        help="serve Prometheus /metrics (default on; --no-metrics = no endpoint)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--exit-on-error", action=argparse.BooleanOptionalAction,
+        help="exit with status 1 when no artifact loads, each refusal logged, as Triton's --exit-on-error "
+             "(default on). When some load, the refused ones are logged and the rest serve either way. "
+             "--no-exit-on-error stays up without models, not ready, until stopped",
+    )  # fmt: skip
     serve.add_argument(
         "--max-batch-size", type=int, help=f"most items per engine run (default {default('max_batch_size')})"
     )
@@ -152,17 +165,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "infer",
         help="send texts to a running server and print the outputs as JSON",
         description=(
-            "Send one request with --text items to MODEL and print its outputs as JSON; with --ready, "
-            "only report whether the server and MODEL are ready (exit 0 when both are)."
+            "Send one request with the --text items and the lines of each --file to MODEL (one batch, "
+            "in that order) and print its outputs as JSON, one row per text; with --ready, only report "
+            "whether the server and MODEL are ready (exit 0 when both are). Texts must be UTF-8. "
+            "Exit 1 on an RPC error or not ready, 2 on bad arguments or input."
         ),
     )
     infer.add_argument("--model", required=True, help="model name")
     infer.add_argument("--model-version", default="", help="model version (default: the latest)")
     infer.add_argument("--text", action="append", default=[], help="a text to send (repeat for a batch)")
+    infer.add_argument(
+        "--file", dest="text_files", action="append", default=[], metavar="PATH",
+        help="send the texts of PATH, one per line (UTF-8, blank lines skipped); '-' reads standard input; "
+             "repeatable",
+    )  # fmt: skip
     infer.add_argument("--ready", action="store_true", help="check readiness instead of inferring")
     infer.add_argument("--url", default="localhost:8001", help="server host:port (default localhost:8001)")
     infer.add_argument("--output", action="append", default=[], help="output to return (repeatable; default all)")
-    infer.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds (default 30)")
+    infer.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds, above 0 (default 30)")
     infer.add_argument("--tls-ca", help="PEM CA that signed the server's certificate (enables TLS)")
     infer.add_argument("--tls-cert", help="PEM client certificate, for mutual TLS")
     infer.add_argument("--tls-key", help="PEM key of --tls-cert")
@@ -225,10 +245,10 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
     except ServerError as exc:
-        print(f"pruneserve serve: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     if not config.artifacts:
-        print("pruneserve serve: give at least one ARTIFACT_DIR (or `artifacts:` in --config)", file=sys.stderr)
+        print("error: give at least one ARTIFACT_DIR (or `artifacts:` in --config)", file=sys.stderr)
         return 2
     try:
         return asyncio.run(serve(config))
@@ -237,14 +257,64 @@ def run_serve(args: argparse.Namespace) -> int:
         return 1
 
 
+#: ``--file`` value that means standard input.
+STDIN = "-"
+
+
+def _read_texts(path: str) -> list[str]:
+    """The non-blank lines of ``path`` (``-`` = standard input), strictly UTF-8; ValueError names the line."""
+    where = "--file - (standard input)" if path == STDIN else f"--file {path}"
+    try:
+        data = sys.stdin.buffer.read() if path == STDIN else Path(path).read_bytes()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ValueError(f"{where} cannot be read ({reason}); give a text file, one text per line") from None
+    texts = []
+    for number, line in enumerate(data.splitlines(), start=1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(
+                f"{where} line {number} is not valid UTF-8 (byte 0x{line[exc.start]:02x} at column {exc.start + 1}); "
+                "the server takes UTF-8 text: convert the file first, e.g. iconv -f LATIN1 -t UTF-8"
+            ) from None
+        if text.strip():
+            texts.append(text)
+    if not texts:
+        raise ValueError(f"{where} holds no texts (blank lines are skipped); give one text per line")
+    return texts
+
+
+def _infer_texts(args: argparse.Namespace) -> list[str]:
+    """``--text`` items, then every ``--file``'s lines; ValueError names the one that is not UTF-8."""
+    from pruneserve.server.client import encode_utf8
+
+    for number, text in enumerate(args.text, start=1):
+        encode_utf8(text, f"--text #{number}")
+    texts = list(args.text)
+    for path in args.text_files:
+        texts += _read_texts(path)
+    return texts
+
+
 def run_infer(args: argparse.Namespace) -> int:
-    """``pruneserve infer``: one request, outputs printed as JSON; 1 on an RPC error or not ready."""
+    """``pruneserve infer``: one request, outputs printed as JSON; 1 on an RPC error or not ready, 2 on bad input."""
+    import math
+
     import grpc
 
     from pruneserve.server.client import InferenceClient
 
-    if not args.ready and not args.text:
-        print("pruneserve infer: give at least one --text (or --ready to check readiness)", file=sys.stderr)
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        print(f"error: --timeout {args.timeout:g} must be a positive number of seconds, e.g. 30", file=sys.stderr)
+        return 2
+    try:
+        texts = [] if args.ready else _infer_texts(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not args.ready and not texts:
+        print("error: give at least one --text or --file (or --ready to check readiness)", file=sys.stderr)
         return 2
     try:
         with InferenceClient(
@@ -258,13 +328,13 @@ def run_infer(args: argparse.Namespace) -> int:
                 print(json.dumps({"model": args.model, **ready}))
                 return 0 if all(ready.values()) else 1
             outputs = client.infer_text(
-                args.model, args.text, outputs=args.output, version=args.model_version, timeout=args.timeout
+                args.model, texts, outputs=args.output, version=args.model_version, timeout=args.timeout
             )
     except grpc.RpcError as exc:
-        print(f"pruneserve infer: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as exc:
-        print(f"pruneserve infer: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     payload = {
         "model": args.model,

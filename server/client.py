@@ -41,6 +41,23 @@ def _datatype_of(array: np.ndarray) -> str:
         raise ValueError(f"numpy dtype {array.dtype} has no KServe v2 datatype") from None
 
 
+def encode_utf8(text: str, where: str) -> bytes:
+    """``text`` as UTF-8 bytes; raises :class:`ValueError` naming ``where`` and what is not UTF-8.
+
+    Python hands a program the bytes of a non-UTF-8 argument or file name as lone surrogates
+    (U+DC80..U+DCFF, "surrogateescape"); the message names the original byte for those.
+    """
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"character U+{code:04X}"
+        raise ValueError(
+            f"{where} is not valid UTF-8 ({what} at character {exc.start + 1}); the server takes UTF-8 text: "
+            "convert it first, e.g. iconv -f LATIN1 -t UTF-8"
+        ) from None
+
+
 def _raw(array: np.ndarray, datatype: str) -> bytes:
     if datatype == "BYTES":
         return serialize_bytes_tensor(x.encode("utf-8") if isinstance(x, str) else bytes(x) for x in array.ravel())
@@ -175,11 +192,12 @@ class InferenceClient:
         request_id: str = "",
         timeout: float | None = None,
     ) -> dict[str, np.ndarray]:
-        """Send ``texts`` as the ``text`` input (BYTES ``[n, 1]``, UTF-8)."""
-        array = np.array([t.encode("utf-8") for t in texts], dtype=object).reshape(-1, 1)
+        """Send ``texts`` as the ``text`` input (BYTES ``[n, 1]``, UTF-8; ValueError names a text that is not)."""
+        encoded = [encode_utf8(t, f"text #{i}") for i, t in enumerate(texts, start=1)]
+        array = np.array(encoded, dtype=object).reshape(-1, 1)
         return self.infer(
             model, {"text": array}, outputs=outputs, version=version, request_id=request_id, timeout=timeout
         )
 
 
-__all__ = ["InferenceClient", "decode_outputs"]
+__all__ = ["InferenceClient", "decode_outputs", "encode_utf8"]

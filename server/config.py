@@ -8,6 +8,7 @@ field, the value, the allowed range and the fix.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import os
 from collections.abc import Mapping
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pruneserve.ort_options import DEFAULT_SPINNING, SPINNING_MODES
+from pruneserve.outputs import OutputError, check_capture_file
 from pruneserve.server.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -48,7 +50,14 @@ class ServeConfig:
     Attributes:
         artifacts: artifact directories to serve (each written by ``pruneserve optimize``).
         host, grpc_port: where the gRPC server listens.
-        metrics_host, metrics_port: where Prometheus scrapes ``/metrics`` (port 0 = off).
+        metrics_host, metrics_port: where Prometheus scrapes ``/metrics`` (port 0 = a free
+            port, named in the log, as for ``grpc_port``).
+        metrics: serve the Prometheus endpoint at all (``--no-metrics`` turns it off).
+        exit_on_error: exit non-zero at start when no artifact loads (each refusal logged on one
+            line), as Triton's ``--exit-on-error`` does. When some load, the refused ones are
+            logged and counted and the rest serve: one bad artifact never stops the others.
+            Off = stay up without models, not ready (health NOT_SERVING), until stopped; there is
+            no model-control API, so nothing loads later.
         max_batch_size: most requests' items computed in one engine run.
         max_queue_delay_ms: how long the first queued item may wait for batch-mates while a
             batch of its model executes (and always, when ``dispatch_when_idle`` is off).
@@ -105,6 +114,8 @@ class ServeConfig:
     grpc_port: int = 8001
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 8002
+    metrics: bool = True
+    exit_on_error: bool = True
     max_batch_size: int = 32
     max_queue_delay_ms: float = 2.0
     dispatch_when_idle: bool = True
@@ -148,7 +159,7 @@ class ServeConfig:
     # -- validation ----------------------------------------------------------------------
     def _validate(self) -> None:
         for name in ("grpc_port", "metrics_port"):
-            _check_int(name, getattr(self, name), 0, 65535, "a TCP port (0 = pick a free one / off)")
+            _check_int(name, getattr(self, name), 0, 65535, "a TCP port, 0 = pick a free one")
         _check_int("max_batch_size", self.max_batch_size, 1, 4096, "e.g. 32")
         _check_int("max_queue_size", self.max_queue_size, 1, 10_000_000, "e.g. 1024")
         _check_int("threads", self.threads, 1, 1024, "intra-op threads per session, e.g. the core count")
@@ -179,8 +190,10 @@ class ServeConfig:
                 raise ConfigError(
                     f"capture_path {self.capture_path!r}: its folder {str(parent)!r} does not exist; create it or choose another path"
                 )
-            if Path(self.capture_path).is_dir():
-                raise ConfigError(f"capture_path {self.capture_path!r} is a folder; give a file path such as {self.capture_path}/drift.jsonl")
+            try:  # a folder, or a file that is not an earlier capture, is never appended to or rotated away
+                check_capture_file(self.capture_path, backups=self.capture_backups)
+            except OutputError as exc:
+                raise ConfigError(str(exc)) from None
         if self.max_sequence_length is not None:
             _check_int("max_sequence_length", self.max_sequence_length, 2, 1_000_000, "e.g. 512, or omit")
         if not self.providers:
@@ -206,7 +219,10 @@ class ServeConfig:
                 f"length_buckets {self.length_buckets!r} must be a non-empty list of positive integers, e.g. [32, 128, 512]"
             )
         self.length_buckets = sorted(set(self.length_buckets))
-        for name in ("truncate", "isolate_batch_variant", "dispatch_when_idle", "tensorrt_fp16", "tensorrt_int8"):
+        for name in (
+            "truncate", "isolate_batch_variant", "dispatch_when_idle", "tensorrt_fp16", "tensorrt_int8", "metrics",
+            "exit_on_error",
+        ):  # fmt: skip
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -232,7 +248,9 @@ class ServeConfig:
         kwargs = {str(k).replace("-", "_"): v for k, v in data.items()}
         unknown = sorted(set(kwargs) - names)
         if unknown:
-            raise ConfigError(f"unknown configuration keys {unknown}; valid keys are {sorted(names)}")
+            close = {k: difflib.get_close_matches(k, names, n=1) for k in unknown}
+            hints = "".join(f"; did you mean {m[0]!r} for {k!r}" for k, m in close.items() if m)
+            raise ConfigError(f"unknown configuration keys {unknown}{hints}; valid keys are {sorted(names)}")
         return cls(**kwargs)
 
     @classmethod

@@ -239,6 +239,11 @@ class DataPlane:
         }
         if rt.manifest.labels:
             params["labels"] = ",".join(rt.manifest.labels)
+        # An embedding's meaning depends on both; artifacts made before they were recorded omit them.
+        if rt.manifest.pooling is not None:
+            params["pooling"] = rt.manifest.pooling
+        if rt.manifest.normalize is not None:
+            params["normalize"] = str(rt.manifest.normalize).lower()
         return ModelConfigInfo(
             name=rt.name,
             version=rt.version,

@@ -42,9 +42,12 @@ class ServerError(Exception):
 
     code: str = "INTERNAL"
     reason: str = "internal"
+    #: Longest message kept (None = all of it, for errors only the operator reads).
+    max_message_chars: int | None = MAX_MESSAGE_CHARS
 
     def __init__(self, message: str = "internal error") -> None:
-        message = shorten(message, MAX_MESSAGE_CHARS)
+        if self.max_message_chars is not None:
+            message = shorten(message, self.max_message_chars)
         super().__init__(message)
         self.message = message
 
@@ -136,6 +139,9 @@ class ConfigError(ServerError, ValueError):
 
     code = "INVALID_ARGUMENT"
     reason = "invalid_argument"
+    # Written by our own checks for the operator at start-up, never sent to a client: shortening
+    # it would cut the list of valid keys or values that is the fix.
+    max_message_chars = None
 
 
 __all__ = [

@@ -273,11 +273,9 @@ def start_http_server(
     """Serve ``registry`` at ``http://host:port/metrics`` from a daemon thread.
 
     Returns the WSGI server (its ``server_port`` is the bound port, useful with ``port=0``;
-    call ``shutdown()`` to stop it) and its thread.
+    call ``shutdown()`` to stop it) and its thread. The caller logs the address.
     """
-    server, thread = _prom_start_http_server(port, addr=host, registry=registry)
-    logger.info("metrics at http://%s:%d/metrics", host, server.server_port)
-    return server, thread
+    return _prom_start_http_server(port, addr=host, registry=registry)
 
 
 __all__ = ["DURATION_BUCKETS", "FIDELITY_BUCKETS", "LOGIT_DISTANCE_BUCKETS", "UNKNOWN_MODEL", "Metrics", "start_http_server"]

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pruneserve.outputs import check_capture_file
 from pruneserve.server.metrics import Metrics
 from pruneserve.server.runtime import TEXT_INPUT, ModelRuntime, Prepared
 from pruneserve.server.types import InferRequest
@@ -99,12 +100,14 @@ class CaptureWriter:
     ``max_bytes // (backups + 1)``; with ``backups=0`` the file starts over. A line longer
     than one file's share is skipped. Files are created readable by their owner only, as they
     hold user text. Only ``text`` is written, so every file is valid input for
-    ``pruneserve optimize --data``.
+    ``pruneserve optimize --data``. A path that is a folder, or whose files are not earlier
+    captures, raises :class:`~pruneserve.outputs.OutputError` before anything is written.
     """
 
     def __init__(self, path: str | os.PathLike[str], max_bytes: int, backups: int) -> None:
         if backups < 0 or max_bytes // (backups + 1) < 1:
             raise ValueError(f"capture needs backups >= 0 and max_bytes >= backups + 1, got {max_bytes}, {backups}")
+        check_capture_file(path, backups=backups)
         self.path = Path(path)
         self.backups = backups
         self.file_limit = max_bytes // (backups + 1)

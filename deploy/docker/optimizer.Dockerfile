@@ -1,6 +1,8 @@
 # syntax=docker/dockerfile:1.7
-# `pruneserve optimize` with CPU torch, transformers, onnx and the default model
-# (all-MiniLM-L6-v2, shipped as a package: nothing is downloaded at run time).
+# `pruneserve optimize` with CPU torch, transformers, onnx, the default model
+# (all-MiniLM-L6-v2, shipped as a package: nothing is downloaded at run time) and the
+# openvino extra (NNCF's static INT8 for --target tensorrt and --quantize auto, OpenVINO
+# to measure it).
 #
 #   docker build -f deploy/docker/optimizer.Dockerfile -t pruneserve-optimizer:0.1.0 .
 #   docker run --rm --read-only --tmpfs /tmp -v "$PWD/artifacts:/models" \

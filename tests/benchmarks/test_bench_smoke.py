@@ -2,7 +2,7 @@
 
 No timing is asserted (benchmarks measure, tests check): only that every output file is
 written with its columns, that the quality measures mean what they say (the reference vs
-itself has fidelity 1 and is batch-invariant; a quantized graph is not bit-identical), that the
+itself has fidelity 1 and is batch-invariant; dynamic INT8's answers move with the batch), that the
 FLOP count matches the arithmetic, and that BENCHMARKS.md sections are replaced in place.
 """
 
@@ -99,8 +99,13 @@ def test_model_and_scaling_end_to_end(tiny_model: Path, tiny_artifact: Path, tmp
     # The fp32 exports compute the same function as the original.
     for name in ("ort-fp32", "ort-fp32-fused", "pruneserve-tiny"):
         assert float(by[(name, "b1x32")]["fidelity_mean"]) > 0.9999, name
-    # Dynamic INT8 is a different, approximate computation: not bit-identical to the original.
-    assert float(by[("ort-int8-dynamic", "b1x32")]["fidelity_min"]) < 1.0
+    # Dynamic INT8 is approximate but close. Its closeness depends on the CPU (VNNI multiplies
+    # int8 exactly, AVX2's u8s8 path saturates), so on a tiny model its fidelity can round to 1
+    # in the CSV; what holds on every CPU is that its activation scales span the padded batch,
+    # so a text's answer moves with its batch-mates far beyond fp32 rounding (~1e-7).
+    dynamic = by[("ort-int8-dynamic", "b1x32")]
+    assert 0.99 < float(dynamic["fidelity_min"]) <= 1.0
+    assert float(dynamic["batch_invariance_max_abs"]) > 1e-6
     if "ort-int8-static" in runtimes:  # NNCF installed: issue 9's mode beside dynamic INT8
         static = by[("ort-int8-static", "b1x32")]
         assert float(static["fidelity_min"]) < 1.0

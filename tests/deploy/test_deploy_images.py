@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -154,6 +155,46 @@ def test_constraints_pin_the_versions_this_suite_runs() -> None:
     assert pins["onnxruntime-gpu"] == pins["onnxruntime"]  # same graph optimizations on CPU and GPU
 
 
+def test_optimizer_image_brings_nncf_with_everything_it_needs_pinned() -> None:
+    """Static INT8 through NNCF (``--target tensorrt``, ``--quantize auto``) needs the openvino extra in
+    the optimizer image; every package it brings is pinned, at the version under test where installed."""
+    import tomllib
+    from importlib.metadata import PackageNotFoundError, requires, version
+
+    from packaging.requirements import Requirement
+
+    script = (SCRIPTS / "install-optimizer.sh").read_text(encoding="utf-8")
+    extras = re.search(r'^extras="([^"]+)"', script, re.MULTILINE)
+    assert extras and "openvino" in extras.group(1).split(","), "install-optimizer.sh installs no openvino extra"
+    assert script.count('"${src}[${extras}]"') == 2  # the dry run resolves what the install installs
+    assert re.search(r"import [^\n]*\bnncf\b", script), "the script's own check does not import nncf"
+    pins = {
+        re.sub(r"[-_.]+", "-", name).lower(): pinned
+        for line in (DOCKER / "constraints.txt").read_text(encoding="utf-8").splitlines()
+        if line and not line.startswith("#")
+        for name, _, pinned in [line.partition("==")]
+    }
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+    todo = [Requirement(r).name for r in extra["openvino"]]
+    assert "nncf" in todo
+    seen: set[str] = set()
+    while todo:
+        name = re.sub(r"[-_.]+", "-", todo.pop()).lower()
+        if name in seen:
+            continue
+        seen.add(name)
+        assert name in pins, f"constraints.txt does not pin {name}, which the openvino extra brings"
+        try:
+            installed = version(name)
+        except PackageNotFoundError:
+            continue  # its own requirements are read from an installed copy only
+        assert pins[name] == installed.split("+")[0], name
+        for raw in requires(name) or []:
+            requirement = Requirement(raw)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(requirement.name)
+
+
 @pytest.mark.slow
 def test_gpu_base_image_matches_onnxruntime_gpu_cuda_major(tmp_path: Path) -> None:
     """The CUDA image's major is the one the pinned onnxruntime-gpu wheel requires (from its
@@ -242,11 +283,20 @@ def test_install_optimizer_script_resolves(tmp_path: Path) -> None:
 
 # -- install-system-deps.sh (run by `make test`) -----------------------------------------------------
 def _run_system_deps(packages: str, *, as_nobody: bool = False) -> subprocess.CompletedProcess[str]:
-    cmd = ["bash", str(SCRIPTS / "install-system-deps.sh")]
-    if as_nobody:
-        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
-    env = {**os.environ, "PRUNESERVE_SYSTEM_PACKAGES": packages}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    script = SCRIPTS / "install-system-deps.sh"
+    if not as_nobody:
+        env = {**os.environ, "PRUNESERVE_SYSTEM_PACKAGES": packages}
+        return subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=600, env=env)
+    # uid 65534 may not read the checkout (a clone inside a 0700 folder: `mktemp -d`, many
+    # home folders), nor pytest's tmp_path: run a copy from a folder anyone can read, there.
+    with tempfile.TemporaryDirectory(prefix="pruneserve-system-deps-") as folder:
+        os.chmod(folder, 0o755)
+        copy = Path(folder) / script.name
+        shutil.copyfile(script, copy)
+        os.chmod(copy, 0o644)
+        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "bash", str(copy)]
+        env = {**os.environ, "PRUNESERVE_SYSTEM_PACKAGES": packages, "HOME": folder, "TMPDIR": folder}
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=folder)
 
 
 def test_system_deps_is_a_quiet_no_op_when_present() -> None:

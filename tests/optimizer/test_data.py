@@ -9,8 +9,11 @@ import pytest
 
 from pruneserve.optimizer.config import DataConfig
 from pruneserve.optimizer.data import (
+    MIN_EVAL_EXAMPLES,
+    MIN_SCORE_EXAMPLES,
     build_default_corpus,
     default_examples,
+    examples_needed,
     load_data,
     read_examples,
     resolve_labels,
@@ -91,7 +94,7 @@ def test_unknown_label_names_line_and_labels(tmp_path: Path) -> None:
 
 
 def test_labels_on_embedding_model_are_ignored(tmp_path: Path) -> None:
-    path = _write(tmp_path, "d.jsonl", [json.dumps({"text": f"t{i}", "label": "x"}) for i in range(4)])
+    path = _write(tmp_path, "d.jsonl", [json.dumps({"text": f"t{i}", "label": "x"}) for i in range(20)])
     split = load_data(DataConfig(path=str(path)), labels=[])
     assert not split.has_labels
 
@@ -122,6 +125,35 @@ def test_too_few_distinct_examples(tmp_path: Path) -> None:
     path = _write(tmp_path, "one.txt", ["same", "same", " same "])
     with pytest.raises(DataError, match="1 distinct example"):
         split_examples(read_examples(path), DataConfig(), str(path))
+
+
+def test_too_little_data_is_refused_naming_the_counts_and_the_fix(tmp_path: Path) -> None:
+    path = _write(tmp_path, "three.txt", ["The first text.", "The second text.", "The third text."])
+    with pytest.raises(DataError) as info:
+        load_data(DataConfig(path=str(path)))
+    message = str(info.value)
+    assert str(path) in message and "has 3 distinct example(s)" in message
+    assert "at least 14 are needed at eval_fraction 0.25" in message and "add texts to the --data file" in message
+    # Enough texts, but --max-examples keeps too few: the fix is the flag, not the file.
+    path = _write(tmp_path, "many.txt", [f"text number {i}" for i in range(100)])
+    with pytest.raises(DataError, match=r"--max-examples 10 keeps 10 of its 100 .* raise --max-examples to at least 14"):
+        load_data(DataConfig(path=str(path), max_examples=10))
+    split = load_data(DataConfig(path=str(path), max_examples=14))
+    assert (len(split.eval), len(split.score)) == (4, 10)
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.25, 0.5, 0.9])
+def test_examples_needed_is_the_smallest_total_that_splits(fraction: float) -> None:
+    def parts(n: int) -> tuple[int, int]:
+        n_eval = min(n - 1, max(1, round(n * fraction)))
+        return n_eval, n - n_eval
+
+    def enough(n: int) -> bool:
+        n_eval, n_score = parts(n)
+        return n_eval >= MIN_EVAL_EXAMPLES and n_score >= MIN_SCORE_EXAMPLES
+
+    needed = examples_needed(fraction)
+    assert enough(needed) and not enough(needed - 1)
 
 
 def test_default_corpus_is_real_english_and_matches_its_generator() -> None:

@@ -95,6 +95,12 @@ def test_saved_config_round_trips(result: OptimizeResult) -> None:
     assert pruning["heads_per_layer"] == m.pruning["kept_heads_per_layer"]
 
 
+def test_manifest_records_pooling_and_normalisation(result: OptimizeResult) -> None:
+    # The tiny sentence-transformers folder mean-pools and lists a Normalize module.
+    m = load_artifact(result.artifact.path).manifest
+    assert (m.pooling, m.normalize) == ("mean", True)
+
+
 def test_an_onnxruntime_session_answers_like_the_original(result: OptimizeResult,
                                                           tiny_model_dir: TinyModelFactory,
                                                           sample_texts: list[str]) -> None:

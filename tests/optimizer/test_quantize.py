@@ -221,11 +221,27 @@ def test_none_copies_the_fused_graph(graphs: Graphs, tmp_path: Path) -> None:
         ({"calibration_method": "mean"}, "calibration_method"),
         ({"calibration_size": 0}, "calibration_size"),
         ({"max_excluded_nodes": -1}, "max_excluded_nodes"),
+        ({"static_method": "fast"}, r"quantize.static_method='fast' is not one of auto, nncf, ort"),
     ],
 )
 def test_config_rejects_bad_values(kwargs: dict[str, object], fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
         QuantizeConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_static_method_is_a_yaml_key_that_round_trips(tmp_path: Path) -> None:
+    import yaml
+
+    from pruneserve.optimizer.pipeline import OptimizeConfig
+
+    assert QuantizeConfig().static_method == "auto"  # NNCF where installed, else ONNX Runtime
+    config = OptimizeConfig.from_dict({"out": str(tmp_path / "a"), "quantize": {"static_method": "ort"}})
+    assert config.quantize.static_method == "ort" and config.quantize.mode == "auto"
+    saved = yaml.safe_load(config.to_yaml())  # what the artifact's optimize.yaml records
+    assert saved["quantize"]["static_method"] == "ort"
+    assert OptimizeConfig.from_dict(saved).quantize.static_method == "ort"
+    with pytest.raises(ConfigError, match="static_method"):
+        OptimizeConfig.from_dict({"out": str(tmp_path / "b"), "quantize": {"static_method": "NNCF"}})
 
 
 def test_auto_mode_must_be_resolved(graphs: Graphs, tmp_path: Path) -> None:

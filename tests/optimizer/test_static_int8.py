@@ -3,6 +3,8 @@ search records and refusals, on a tiny physically pruned encoder exported by ``e
 
 from __future__ import annotations
 
+import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +14,14 @@ from onnx import TensorProto, helper
 from pruned_onnx import export_pruned, feeds, random_texts, torch_reference
 
 from pruneserve.optimizer.engines import openvino_runner
+from pruneserve.optimizer import static_int8
 from pruneserve.optimizer.errors import ConfigError, QuantizationError
+from pruneserve.optimizer.quantize import QuantizeConfig
 from pruneserve.optimizer.static_int8 import (
+    NNCF_INSTALL,
     StaticInt8Config,
     batch_invariance,
+    check_static_method,
     fidelity,
     ort_runner,
     quantize_ort,
@@ -171,6 +177,78 @@ def test_refuses_fused_graphs_and_missing_data(tmp_path: Path, tiny: dict) -> No
         quantize_static_int8(tiny["fp32"], tmp_path / "q.onnx", [], tiny["evals"], tiny["reference"], 0.9)
     with pytest.raises(QuantizationError, match="one reference output per batch"):
         quantize_static_int8(tiny["fp32"], tmp_path / "q.onnx", tiny["calibration"], tiny["evals"], [], 0.9)
+
+
+@pytest.fixture
+def no_nncf(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NNCF made unimportable (``import nncf`` raises ImportError), as without the openvino extra."""
+    monkeypatch.setitem(sys.modules, "nncf", None)
+
+
+def _assert_qdq_int8(path: Path) -> None:
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("QuantizeLinear") >= 3 and "DequantizeLinear" in ops, ops
+
+
+def test_auto_without_nncf_falls_back_to_onnx_runtime_and_says_so(
+    tiny: dict, no_nncf: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tiny["folder"] / "no-nncf.onnx"
+    with caplog.at_level(logging.WARNING, logger="pruneserve.optimizer.static_int8"):
+        result = quantize_static_int8(
+            tiny["fp32"], out, tiny["calibration"], tiny["evals"], tiny["reference"], 0.95  # method auto
+        )
+    assert result.method == "ort" and result.requested_method == "auto"
+    assert {t["method"] for t in result.tried} == {"ort"}  # NNCF was not attempted (and did not abort the search)
+    assert result.fallback and "nncf" in result.fallback and NNCF_INSTALL in result.fallback
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("nncf" in w and NNCF_INSTALL in w for w in warned), warned
+    record = result.to_manifest()
+    assert record["method"] == "ort" and record["requested_method"] == "auto" and record["fallback"] == result.fallback
+    # A real static INT8 graph that keeps the floor and answers the same alone and batched.
+    _assert_qdq_int8(out)
+    assert result.settings["s8s8_symmetric"]
+    run = ort_runner(out)
+    assert fidelity(run, tiny["evals"], tiny["reference"]) >= 0.95
+    assert _probe_invariance(run, random_texts(1, 42, min_len=2, max_len=4)) <= INVARIANT
+
+
+def test_auto_records_why_a_failing_nncf_was_not_kept(tiny: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NNCF importable but failing on the graph: ONNX Runtime's graph is kept, and the result says why."""
+    monkeypatch.setattr(static_int8, "nncf_unavailable", lambda load=True: None)
+
+    def broken(*args: object, **kwargs: object) -> dict:
+        raise RuntimeError("unsupported node")
+
+    monkeypatch.setattr(static_int8, "quantize_nncf", broken)
+    out = tiny["folder"] / "nncf-broken.onnx"
+    result = quantize_static_int8(tiny["fp32"], out, tiny["calibration"], tiny["evals"], tiny["reference"], 0.95)
+    assert result.method == "ort" and [t["method"] for t in result.tried][0] == "nncf"
+    assert result.tried[0]["error"] == "RuntimeError: unsupported node"
+    assert result.fallback and "unsupported node" in result.fallback and "ONNX Runtime" in result.fallback
+    _assert_qdq_int8(out)
+
+
+def test_nncf_asked_for_without_nncf_is_refused_before_any_work(tiny: dict, no_nncf: None, tmp_path: Path) -> None:
+    out = tmp_path / "q.onnx"
+    with pytest.raises(ConfigError) as err:
+        quantize_static_int8(tiny["fp32"], out, tiny["calibration"], tiny["evals"], tiny["reference"], 0.95,
+                             method="nncf")
+    message = str(err.value)
+    assert "\n" not in message and "'nncf'" in message, message
+    assert NNCF_INSTALL in message and "--int8-method ort" in message, message
+    assert not out.exists() and not list(tmp_path.iterdir())
+    # The optimizer's preflight check: the same refusal, from the config alone.
+    with pytest.raises(ConfigError, match="--int8-method ort") as err:
+        check_static_method(QuantizeConfig(mode="static", static_method="nncf"))
+    assert NNCF_INSTALL in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="--int8-method ort"):
+        check_static_method(QuantizeConfig(mode="auto", static_method="nncf"))
+    # Nothing to refuse: no static INT8 built, or a method that runs here.
+    check_static_method(QuantizeConfig(mode="auto", candidates=["dynamic", "none"], static_method="nncf"))
+    check_static_method(QuantizeConfig(mode="dynamic", static_method="nncf"))
+    check_static_method(QuantizeConfig(mode="static", static_method="auto"))
+    check_static_method(QuantizeConfig(mode="static", static_method="ort"))
 
 
 def test_config_validation() -> None:

@@ -112,8 +112,12 @@ def test_latency_reports_a_median_per_shape(setup: Setup) -> None:
     assert latency.provider == "CPUExecutionProvider"
     torch_lat = validate.torch_latency(setup.loaded.encoder, config)
     assert set(torch_lat.median_ms) == {"b1x8", "b2x16"}
-    ups = validate.speedups({"artifact": latency, "pytorch": torch_lat})
-    assert set(ups) == {"pytorch"} and set(ups["pytorch"]) == {"b1x8", "b2x16"}
+    timed = {"artifact": latency, "pytorch": torch_lat}
+    ups = validate.speedups(timed)
+    # A run disturbed by the machine's other load is left out and said so, never a silly ratio.
+    outliers = {shape for shape in ("b1x8", "b2x16") if any(f" at {shape} " in n for n in validate.speedup_outliers(timed))}
+    assert set(ups) == {"pytorch"} and set(ups["pytorch"]) | outliers == {"b1x8", "b2x16"}
+    assert not set(ups["pytorch"]) & outliers
 
 
 def test_provider_fallback_is_recorded_and_warned(setup: Setup, caplog: pytest.LogCaptureFixture) -> None:

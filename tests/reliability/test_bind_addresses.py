@@ -66,8 +66,14 @@ def test_grpc_and_metrics_listen_only_on_their_configured_addresses(embedding_ar
         assert not _accepts("127.0.0.2", metrics_port)
 
 
-def test_metrics_port_zero_turns_the_endpoint_off(embedding_artifact: Path) -> None:
-    with serving(make_config([embedding_artifact], metrics_port=0)) as srv:
+def test_metrics_port_zero_picks_a_free_port_and_no_metrics_serves_none(embedding_artifact: Path) -> None:
+    with serving(make_config([embedding_artifact], metrics_host="127.0.0.3", metrics_port=0)) as srv:
+        srv.server.start_metrics_endpoint()
+        port = srv.server.metrics_port
+        assert port  # bound, on a port the OS chose
+        body = urllib.request.urlopen(f"http://127.0.0.3:{port}/metrics", timeout=10).read().decode()
+        assert "pruneserve_requests_total" in body
+    with serving(make_config([embedding_artifact], metrics=False)) as srv:
         srv.server.start_metrics_endpoint()
         assert srv.server.metrics_port is None
 

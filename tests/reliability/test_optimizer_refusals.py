@@ -134,7 +134,7 @@ def _truncated_weights(folder: Path) -> Path:
 
 MODEL_FAULTS: dict[str, tuple[Callable[[Path], Path], tuple[str, ...]]] = {
     "missing folder": (_missing, ("no-such-model", "does not exist", "pass a local Hugging Face model folder")),
-    "not a folder": (_not_a_folder, ("does not exist",)),
+    "not a folder": (_not_a_folder, ("is a file", "pass the folder that holds config.json")),
     "no config.json": (_no_config, ("has no config.json",)),
     "unsupported architecture": (_unsupported_arch, ("'gpt2' is not supported", "supported model types: ")),
     "no weights": (_no_weights, ("no *.safetensors weights",)),
@@ -180,7 +180,11 @@ DATA_FAULTS: dict[str, tuple[str | None, str, tuple[str, ...]]] = {
     "not json": ('{"text": "fine"}\n{not json\n', ".jsonl", (":2",)),
     "no text field": ('{"text": "fine"}\n{"txt": "typo"}\n', ".jsonl", (":2", "txt")),
     "not utf-8": (None, ".bin-text", ("is not UTF-8", "save the file as UTF-8")),
-    "one distinct example": ("same text\nsame text\n", ".txt", ("at least 2 are needed",)),
+    "one distinct example": ("same text\nsame text\n", ".txt", ("1 distinct example", "are needed")),
+    # Three texts would split 1 held out / 2 scored: refused before any model work, naming the counts.
+    "three texts": ("The first text.\nThe second text.\nThe third text.\n", ".txt",
+                    ("has 3 distinct example(s)", "at least 14 are needed at eval_fraction 0.25",
+                     "add texts to the --data file")),
 }
 
 
@@ -274,8 +278,8 @@ def test_optimize_interrupted_while_writing_leaves_nothing(
     out = tmp_path / "runs" / "out"
     argv = ["optimize", "--model", str(bert_dirs["embedding"]), "--data", str(good_data), "--preset", "light",
             "--quantize", "none", "--no-baselines", "--out", str(out)]  # fmt: skip
-    with pytest.raises(KeyboardInterrupt):
-        _run(capsys, *argv)
+    code, err = _run(capsys, *argv)
+    assert code == 130 and err.strip().splitlines() == [f"interrupted; nothing was written to {out}"], err
     assert calls == 2, "the pipeline never reached the artifact write"
     assert list((tmp_path / "runs").iterdir()) == []
     assert list(scratch.iterdir()) == [], "the optimizer's scratch folder was left behind"

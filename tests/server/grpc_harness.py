@@ -26,7 +26,11 @@ T = TypeVar("T")
 
 
 def make_config(artifacts: list[Path], **overrides: Any) -> ServeConfig:
-    """A config serving ``artifacts`` on a free localhost port, one thread, metrics off."""
+    """A config serving ``artifacts`` on a free localhost port, one thread.
+
+    The metrics endpoint only starts when a test calls ``start_metrics_endpoint()``, and then on
+    a free port (``metrics_port=0``).
+    """
     values: dict[str, Any] = {
         "artifacts": [str(a) for a in artifacts],
         "host": "127.0.0.1",

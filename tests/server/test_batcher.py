@@ -122,7 +122,8 @@ def test_expired_queued_work_is_dropped_not_computed(embedding_artifact: Path, r
         engine, first = await _hold_worker(dp)
         later = asyncio.ensure_future(dp.infer(text_request("tiny-embed", ["cats"])))
         with pytest.raises(DeadlineExceededError, match="deadline passed"):
-            await dp.infer(text_request("tiny-embed", ["green green green"]), deadline=time.monotonic() + 0.05)
+            # Long enough that a stalled machine cannot make it pass before arrival (a different refusal).
+            await dp.infer(text_request("tiny-embed", ["green green green"]), deadline=time.monotonic() + 0.5)
         # A deadline that has already passed is refused on arrival.
         with pytest.raises(DeadlineExceededError, match="had passed when it arrived"):
             await dp.infer(text_request("tiny-embed", ["green"]), deadline=time.monotonic() - 1)
@@ -406,7 +407,8 @@ def test_a_lone_run_keeps_its_worker_after_its_caller_leaves(embedding_artifact:
         engine.gate.clear()
         batcher = dp.batcher("tiny-embed")
         if how == "deadline":
-            left = asyncio.ensure_future(dp.infer(text_request("tiny-embed", ["hello"]), deadline=time.monotonic() + 0.2))
+            # The deadline must pass only once the run holds the worker, however slow the machine.
+            left = asyncio.ensure_future(dp.infer(text_request("tiny-embed", ["hello"]), deadline=time.monotonic() + 1.0))
             await wait_until_running(engine)
             with pytest.raises(DeadlineExceededError):
                 await left

@@ -75,3 +75,21 @@ def test_yaml_errors(tmp_path: Path) -> None:
         ServeConfig.from_yaml(p)
     with pytest.raises(ConfigError, match="cannot read config file"):
         ServeConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_unknown_key_message_is_whole() -> None:
+    import dataclasses
+
+    with pytest.raises(ConfigError) as info:
+        ServeConfig.from_dict({"max_batch": 8, "metrics_prot": 1})
+    message = str(info.value)
+    assert "characters cut" not in message
+    assert all(f"'{f.name}'" in message for f in dataclasses.fields(ServeConfig)), message
+    assert "did you mean 'max_batch_size'" in message and "'metrics_port'" in message, message
+
+
+@pytest.mark.parametrize("field", ["metrics", "exit_on_error"])
+def test_switches_are_booleans(field: str) -> None:
+    assert getattr(ServeConfig(), field) is True
+    with pytest.raises(ConfigError, match=f"{field} must be true or false"):
+        ServeConfig(**{field: "no"})  # type: ignore[arg-type]

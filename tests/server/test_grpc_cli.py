@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import json
+import os
 import socket
+import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from grpc_harness import make_config, serving
 from prometheus_client.parser import text_string_to_metric_families
+from serve_process import ServeProcess  # tests/server/serve_process.py
 
 from pruneserve.cli import build_parser
 from pruneserve.server.cli import config_from_args, run_serve
@@ -129,3 +135,154 @@ def test_json_logs_carry_the_request_id_and_structured_fields() -> None:
         "ERROR",
     )
     assert "ValueError: boom" in entry["exception"]
+
+
+def test_unknown_config_key_error_lists_every_valid_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import dataclasses
+
+    from pruneserve.server.config import ServeConfig
+
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("max_batch: 3\n")
+    assert run_serve(parse("--config", str(bad_yaml))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "characters cut" not in err
+    for field in dataclasses.fields(ServeConfig):
+        assert f"'{field.name}'" in err, f"{field.name} missing from: {err}"
+
+
+def test_metrics_and_exit_on_error_flags() -> None:
+    assert config_from_args(parse("x")).metrics is True
+    assert config_from_args(parse("x", "--no-metrics")).metrics is False
+    assert config_from_args(parse("x", "--metrics-port", "0")).metrics_port == 0  # a free port, not off
+    assert config_from_args(parse("x")).exit_on_error is True
+    assert config_from_args(parse("x", "--no-exit-on-error")).exit_on_error is False
+
+
+def _serve_cmd(*argv: str) -> list[str]:
+    return [
+        sys.executable, "-m", "pruneserve.cli", "serve", *argv, "--host", "127.0.0.1", "--grpc-port", "0",
+        "--metrics-port", "0", "--threads", "1",
+    ]  # fmt: skip
+
+
+def test_serve_exits_when_no_artifact_loads(tmp_path: Path) -> None:
+    missing, empty = tmp_path / "missing", tmp_path / "empty"
+    empty.mkdir()
+    proc = subprocess.run(_serve_cmd(str(missing), str(empty)), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    failed = [line for line in proc.stderr.splitlines() if "model load failed" in line]
+    assert len(failed) == 2 and str(missing) in failed[0] and str(empty) in failed[1], proc.stderr
+    assert "no artifact could be loaded" in proc.stderr and "--no-exit-on-error" in proc.stderr
+    assert "gRPC listening" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_no_exit_on_error_keeps_a_server_without_models_up_and_not_ready(tmp_path: Path) -> None:
+    proc = ServeProcess([tmp_path / "missing"], "--no-exit-on-error", "--grace-seconds", "1")
+    try:
+        with InferenceClient(proc.url, timeout=30) as client:  # url waits for "gRPC listening"
+            assert client.server_live() and not client.server_ready()
+        assert proc.proc.poll() is None, proc.log()
+        proc.proc.terminate()
+        assert proc.proc.wait(60) == 0, proc.log()
+    finally:
+        proc.close()
+
+
+def test_one_bad_artifact_does_not_stop_the_others(embedding_artifact: Path, tmp_path: Path) -> None:
+    proc = ServeProcess([tmp_path / "missing", embedding_artifact], "--grace-seconds", "1")
+    try:
+        with InferenceClient(proc.url, timeout=30) as client:
+            assert client.server_ready() and client.model_ready("tiny-embed")
+        assert any("model load failed" in line and "missing" in line for line in proc.lines), proc.log()
+    finally:
+        proc.close()
+
+
+def test_metrics_port_zero_serves_metrics_on_a_free_port_named_in_the_log(embedding_artifact: Path) -> None:
+    proc = ServeProcess([embedding_artifact], "--metrics", "--metrics-host", "127.0.0.1", "--grace-seconds", "1")
+    try:
+        with InferenceClient(proc.url, timeout=30) as client:
+            client.infer_text("tiny-embed", ["hello world"])
+        port = int(proc.wait_for(r"metrics at http://127\.0\.0\.1:(\d+)/metrics").group(1))
+        assert port != 0
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        assert "pruneserve_requests_total" in body
+    finally:
+        proc.close()
+
+
+def test_no_metrics_serves_no_endpoint(embedding_artifact: Path) -> None:
+    proc = ServeProcess([embedding_artifact], "--no-metrics", "--grace-seconds", "1")
+    try:
+        proc.wait_for(r"metrics endpoint off")
+        proc.proc.terminate()
+        assert proc.proc.wait(60) == 0, proc.log()
+    finally:
+        proc.close()
+    assert not any("metrics at http" in line for line in proc.lines), proc.log()
+    with serving(make_config([embedding_artifact], metrics=False)) as srv:
+        srv.server.start_metrics_endpoint()
+        assert srv.server.metrics_port is None
+
+
+# -- pruneserve infer ----------------------------------------------------------------------------
+
+
+def infer(*argv: str) -> int:
+    from pruneserve.cli import main
+
+    return main(["infer", *argv])
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan"])
+def test_infer_refuses_a_timeout_that_is_not_positive(timeout: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert infer("--url", "127.0.0.1:1", "--model", "m", "--text", "x", "--timeout", timeout) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --timeout {timeout} ") and err.count("\n") == 1, err
+
+
+@pytest.fixture
+def infer_server(embedding_artifact: Path) -> Iterator[str]:
+    with serving(make_config([embedding_artifact])) as srv:
+        yield srv.url
+
+
+def test_infer_refuses_text_that_is_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Refused before any connection: nothing listens on port 1.
+    latin1 = os.fsdecode(b"caf\xe9")  # how Python hands a non-UTF-8 argv entry to the program
+    assert infer("--url", "127.0.0.1:1", "--model", "tiny-embed", "--text", "ok", "--text", latin1) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "--text #2 is not valid UTF-8" in err and "0xe9" in err, err
+    texts = tmp_path / "texts.txt"
+    texts.write_bytes(b"fine\ncaf\xe9\n")
+    assert infer("--url", "127.0.0.1:1", "--model", "tiny-embed", "--file", str(texts)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert f"{texts} line 2 is not valid UTF-8" in err and "0xe9" in err, err
+
+
+def test_infer_reads_texts_from_a_file_and_stdin(
+    infer_server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    texts = tmp_path / "texts.txt"
+    texts.write_text("hello world\n\nthe lazy dog\r\n", encoding="utf-8")  # the blank line is skipped
+    assert infer("--url", infer_server, "--model", "tiny-embed", "--text", "first", "--file", str(texts)) == 0
+    from_file = json.loads(capsys.readouterr().out)["outputs"]["embedding"]
+    assert len(from_file) == 3
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"hello world\nthe lazy dog\n"), encoding="utf-8"))
+    assert infer("--url", infer_server, "--model", "tiny-embed", "--file", "-") == 0
+    from_stdin = json.loads(capsys.readouterr().out)["outputs"]["embedding"]
+    assert from_stdin == from_file[1:]
+    with InferenceClient(infer_server) as client:
+        direct = client.infer_text("tiny-embed", ["hello world", "the lazy dog"])["embedding"]
+    assert from_stdin == direct.tolist()
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    assert infer("--url", infer_server, "--model", "tiny-embed", "--file", str(empty)) == 2
+    assert "holds no texts" in capsys.readouterr().err
+    assert infer("--url", infer_server, "--model", "tiny-embed", "--file", str(tmp_path / "nope.txt")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --file ") and "cannot be read" in err, err

@@ -199,6 +199,9 @@ class ArtifactSpec:
     max_sequence_length: int = MAX_LEN
     seed: int = 0
     with_reference: bool = False
+    #: Recorded in the manifest of an embedding artifact (the graph mean-pools); None = an older
+    #: manifest that records neither pooling nor normalisation.
+    pooling: str | None = "mean"
 
 
 def make_artifact(out: Path, spec: ArtifactSpec | None = None, **overrides: Any) -> Path:
@@ -231,6 +234,8 @@ def make_artifact(out: Path, spec: ArtifactSpec | None = None, **overrides: Any)
         max_sequence_length=spec.max_sequence_length,
         version=spec.version,
         labels=labels,
+        pooling=spec.pooling if spec.task == "embedding" else None,
+        normalize=spec.normalize if spec.task == "embedding" and spec.pooling is not None else None,
         batch_invariant=spec.batch_invariant,
         reference_file="reference.onnx" if spec.with_reference else None,
         runtime={"engine": "onnxruntime", "providers": ["CPUExecutionProvider"]},
