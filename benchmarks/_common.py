@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from pruneserve.ort_options import DEFAULT_SPINNING, spinning_entries
+from pruneserve.engines.ort import inference_session
+from pruneserve.engines.ort_settings import DEFAULT_SPINNING
 from pruneserve.outputs import OutputError, check_output_dir
 
 logger = logging.getLogger(__name__)
@@ -252,15 +253,7 @@ def ort_session(path: Path, threads: int, spinning: str = DEFAULT_SPINNING) -> A
     cores another session needs when two are timed in one process (measured: 2.5 ms vs
     6.5 ms for the same model), and no session here leaves any behind.
     """
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    for key, value in spinning_entries(spinning).items():
-        opts.add_session_config_entry(key, value)
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return inference_session(path, threads=threads, spinning=spinning)
 
 
 # -- results -----------------------------------------------------------------------------

@@ -74,15 +74,16 @@ def main() -> None:
 
     from pruneserve.optimizer.adapters import load_model
     from pruneserve.optimizer.errors import QuantizationError
-    from pruneserve.optimizer.engines import ONNXRUNTIME, OPENVINO_F32, available_engines, interleaved_samples, openvino_runner
+    from pruneserve.engines.keys import ONNXRUNTIME, OPENVINO_F32
+    from pruneserve.engines.measure import batch_invariance, interleaved_samples, mean_cosine
+    from pruneserve.engines.openvino import bf16_supported, openvino_runner
+    from pruneserve.engines.ort import ort_runner
+    from pruneserve.optimizer.engines import available_engines
     from pruneserve.optimizer.export import export_onnx
     from pruneserve.optimizer.fusion import fuse
     from pruneserve.optimizer.quantize import quantize_dynamic_int8
     from pruneserve.optimizer.static_int8 import (
         StaticInt8Config,
-        batch_invariance,
-        mean_cosine,
-        ort_runner,
         quantize_nncf,
         quantize_ort,
         quantize_static_int8,
@@ -195,7 +196,7 @@ def main() -> None:
         "settings": settings,
         "results": rows,
         "load_average_at_end": os.getloadavg(),
-        "openvino_bf16": "BF16" in __import__("openvino").Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"),
+        "openvino_bf16": bf16_supported(),
     }
     args.out.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
     for key, row in rows.items():

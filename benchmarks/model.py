@@ -48,6 +48,8 @@ from benchmarks._common import (
 )
 from benchmarks.ceilings import Ceilings, measure_ceilings, model_flops
 from benchmarks.optimizer_bench import run_optimize
+from pruneserve.engines.keys import ONNXRUNTIME, OPENVINO
+from pruneserve.engines.measure import alone_vs_batched, cosines
 from pruneserve.outputs import OutputError, check_output_dir
 
 logger = logging.getLogger(__name__)
@@ -261,7 +263,8 @@ def static_int8_original(
 
     if importlib.util.find_spec("nncf") is None:
         return None
-    from pruneserve.optimizer.static_int8 import ort_runner, quantize_static_int8
+    from pruneserve.engines.ort import ort_runner
+    from pruneserve.optimizer.static_int8 import quantize_static_int8
 
     names = ["input_ids", "attention_mask", "token_type_ids"]
     digest = hashlib.sha256(b"".join(b.input_ids.tobytes() for b in calibration)).hexdigest()[:10]
@@ -279,7 +282,7 @@ def static_int8_original(
 # -- ONNX runtimes -----------------------------------------------------------------------
 
 
-def ort_runtime(name: str, path: Path, threads: int, kind: str = "onnxruntime", note: str = "") -> Runtime:
+def ort_runtime(name: str, path: Path, threads: int, kind: str = ONNXRUNTIME, note: str = "") -> Runtime:
     """A CPU ONNX Runtime session (spinning inside a run only, as served) fed with whatever inputs the graph declares."""
     sess = ort_session(path, threads)
     inputs = [i.name for i in sess.get_inputs()]
@@ -294,25 +297,26 @@ def ort_runtime(name: str, path: Path, threads: int, kind: str = "onnxruntime", 
 def openvino_runtimes(onnx_path: Path, threads: int, calib: list[TokenBatch]) -> tuple[list[Runtime], list[str]]:
     """OpenVINO default / f32 hint / NNCF INT8 peers when the packages are installed."""
     notes: list[str] = []
-    try:
-        import openvino as ov
-    except ImportError:
+    from pruneserve.engines import openvino as ov_engine
+
+    if not ov_engine.openvino_available():
         return [], ["OpenVINO not installed: its rows are skipped (`pip install openvino nncf` to add them)."]
-    core = ov.Core()
-    ov_model = core.read_model(str(onnx_path))
+    ov_model = ov_engine.read_model(onnx_path)
     names = [p.get_any_name() for p in ov_model.inputs]
 
     def make(name: str, model: Any, config: dict[str, Any], note: str) -> Runtime:
-        compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, **config})
-        req = compiled.create_infer_request()
+        # Deliberately not serving_config(): these rows show OpenVINO as a user gets it.
+        run_first = ov_engine.compiled_runner(
+            ov_engine.compile_graph(model, {"INFERENCE_NUM_THREADS": threads, **config})
+        )
 
         def run(b: TokenBatch) -> np.ndarray:
-            return np.asarray(req.infer(b.feeds(names))[0])
+            return run_first(b.feeds(names))
 
-        return Runtime(name, "openvino", run, note=note)
+        return Runtime(name, OPENVINO, run, note=note)
 
     out = [
-        make("openvino-default", ov_model, {}, f"OpenVINO {ov.__version__} default precision"),
+        make("openvino-default", ov_model, {}, f"OpenVINO {ov_engine.openvino_version()} default precision"),
         make("openvino-f32", ov_model, {"INFERENCE_PRECISION_HINT": "f32"}, "INFERENCE_PRECISION_HINT=f32"),
     ]
     try:
@@ -385,15 +389,15 @@ def artifact_runtime(label: str, path: Path, threads: int) -> Runtime:
     """An artifact on the engine its manifest recommends (what ``serve --engine auto`` runs).
 
     ``runtime.engine == "openvino"`` compiles the artifact's ONNX with OpenVINO at the recorded
-    precision (the optimizer's :func:`~pruneserve.optimizer.engines.openvino_runner`, the same
-    settings as the server's engine); anything else runs on ONNX Runtime's CPU provider.
+    precision (:func:`pruneserve.engines.openvino.openvino_runner`, the same settings as the
+    server's engine); anything else runs on ONNX Runtime's CPU provider.
     """
     man = artifact_manifest(path)
     onnx_path = path / man.get("model_file", "model.onnx")
     runtime = man.get("runtime") or {}
     note = _artifact_note(man)
-    if runtime.get("engine") == "openvino":
-        from pruneserve.optimizer.engines import openvino_runner
+    if runtime.get("engine") == OPENVINO:
+        from pruneserve.engines.openvino import openvino_runner
 
         runner = openvino_runner(onnx_path, threads, str(runtime.get("precision", "f32")))
 
@@ -440,13 +444,9 @@ def fidelity(
 ) -> dict[str, tuple[float, float]]:
     """Mean and min cosine of each runtime's embeddings to the reference's, over ``batches``."""
     outs: dict[str, list[np.ndarray]] = {rt.name: [rt.run(b) for b in batches] for rt in runtimes}
-    ref = np.concatenate(outs[reference]).astype(np.float64)
-    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
     result = {}
     for name, chunks in outs.items():
-        e = np.concatenate(chunks).astype(np.float64)
-        e /= np.linalg.norm(e, axis=1, keepdims=True)
-        cos = np.clip((e * ref).sum(axis=1), -1.0, 1.0)
+        cos = cosines(chunks, outs[reference])
         result[name] = (float(cos.mean()), float(cos.min()))
     return result
 
@@ -454,11 +454,7 @@ def fidelity(
 def batch_invariance(rt: Runtime, batch: TokenBatch, rows: int) -> float:
     """Max |embedding alone - embedding in ``batch``| over its first ``rows`` texts."""
     together = rt.run(batch)
-    worst = 0.0
-    for i in range(min(rows, batch.shape[0])):
-        alone = rt.run(batch.row(i))[0]
-        worst = max(worst, float(np.abs(alone - together[i]).max()))
-    return worst
+    return alone_vs_batched(together, [rt.run(batch.row(i))[0] for i in range(min(rows, batch.shape[0]))])
 
 
 def run_model_bench(

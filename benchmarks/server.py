@@ -41,7 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from pruneserve.ort_options import DEFAULT_SPINNING
+from pruneserve.engines.keys import ONNXRUNTIME
+from pruneserve.engines.ort_settings import DEFAULT_SPINNING
 
 from benchmarks._common import (
     BENCH_DIR,
@@ -253,7 +254,7 @@ def serving(
         raise BenchmarkError(f"floor {floor!r} applies to pruneserve only, not {kind!r}")
     if kind == "pruneserve":
         entry = ["-m", "pruneserve.cli"] if floor is None else [str(BENCH_DIR / "floor_server.py"), "--floor", floor]
-        cmd = [python_exe(), *entry, "serve", str(artifact), "--host", "127.0.0.1",
+        cmd = [python_exe(), *entry, "serve", str(artifact), "--host", "127.0.0.1", "--no-http",
                "--metrics-host", "127.0.0.1", *common, *extra_args]  # fmt: skip
     elif kind == "triton":
         py = str(ensure_triton_venv())
@@ -475,9 +476,9 @@ def server_runs(servers: Sequence[str], manifest: dict[str, Any]) -> list[tuple[
     session and the targets compare servers, not engines. When the manifest recommends another
     engine, one more run shows pruneserve as ``serve`` runs that artifact by default.
     """
-    runs = [(kind, kind, ["--engine", "onnxruntime"] if kind == "pruneserve" else []) for kind in servers]
+    runs = [(kind, kind, ["--engine", ONNXRUNTIME] if kind == "pruneserve" else []) for kind in servers]
     recorded = (manifest.get("runtime") or {}).get("engine")
-    if "pruneserve" in servers and recorded and recorded != "onnxruntime":
+    if "pruneserve" in servers and recorded and recorded != ONNXRUNTIME:
         runs.append((f"pruneserve-{recorded}", "pruneserve", ["--engine", str(recorded)]))
     return runs
 

@@ -65,7 +65,7 @@ class ArtifactModel:
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         # The same session options as pruneserve's engine and the in-process ceiling, mapped as
-        # pruneserve.ort_options.spinning_entries maps them (this file runs in Triton's venv,
+        # pruneserve.engines.ort_settings.spinning_entries maps them (this file runs in Triton's venv,
         # without pruneserve; a test keeps the two in step): the harness passes every server
         # the same --intra-op-spinning.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0" if spinning == "off" else "1")

@@ -21,9 +21,7 @@ a run only, as ``pruneserve serve`` runs them, so no engine's idle threads slow 
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,70 +30,32 @@ from typing import Any
 
 import numpy as np
 
-from pruneserve.optimizer.errors import ValidationError
-from pruneserve.optimizer.static_int8 import (
+from pruneserve.engines.keys import GRAPH_PRECISION, ONNXRUNTIME, OPENVINO, OPENVINO_BF16, OPENVINO_F32
+from pruneserve.engines.measure import (
     DEFAULT_INVARIANCE_TOLERANCE,
     Feeds,
     Runner,
     batch_invariance,
     mean_cosine,
-    ort_runner,
+    time_interleaved,
 )
+from pruneserve.engines.openvino import bf16_supported, openvino_available, openvino_runner
+from pruneserve.engines.ort import ort_runner
+from pruneserve.optimizer.errors import ValidationError
 
 logger = logging.getLogger(__name__)
 
-#: Engine keys as recorded in ``manifest.engines``: server engine name plus, for OpenVINO, precision.
-ONNXRUNTIME = "onnxruntime"
-OPENVINO_F32 = "openvino-f32"
-OPENVINO_BF16 = "openvino-bf16"
 #: Turns a graph's outputs on the held-out batches into the quality on the floor's scale.
 Scorer = Callable[[list[np.ndarray]], float]
 
 
-def openvino_runner(path: str | Path, threads: int = 1, precision: str = "f32") -> Runner:
-    """An OpenVINO CPU compilation of ``path`` (dynamic shapes, explicit precision) returning the first output.
-
-    Same settings as the server's ``OpenVinoEngine``: ``INFERENCE_PRECISION_HINT`` explicit,
-    latency hint, one stream, no run-time activation quantization.
-    """
-    import openvino as ov
-
-    core = ov.Core()
-    config: dict[str, Any] = {
-        "INFERENCE_PRECISION_HINT": precision,
-        "INFERENCE_NUM_THREADS": threads,
-        "NUM_STREAMS": "1",
-        "PERFORMANCE_HINT": "LATENCY",
-    }
-    if "DYNAMIC_QUANTIZATION_GROUP_SIZE" in core.get_property("CPU", "SUPPORTED_PROPERTIES"):
-        config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = 0
-    compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
-    request = compiled.create_infer_request()
-    names = [p.get_any_name() for p in compiled.inputs]
-    first = compiled.outputs[0]
-
-    def run(feeds: Feeds) -> np.ndarray:
-        return np.array(request.infer({k: feeds[k] for k in names})[first], copy=True)
-
-    return run
-
-
-def bf16_supported() -> bool:
-    """Whether OpenVINO's CPU plugin has bf16 kernels here (else a bf16 hint silently runs f32)."""
-    if importlib.util.find_spec("openvino") is None:
-        return False
-    import openvino as ov
-
-    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-
-
 def available_engines() -> dict[str, tuple[str, str]]:
     """Engine key -> (server engine name, precision) for every engine this machine can run."""
-    engines = {ONNXRUNTIME: ("onnxruntime", "fp32-graph")}
-    if importlib.util.find_spec("openvino") is not None:
-        engines[OPENVINO_F32] = ("openvino", "f32")
+    engines = {ONNXRUNTIME: (ONNXRUNTIME, GRAPH_PRECISION)}
+    if openvino_available():
+        engines[OPENVINO_F32] = (OPENVINO, "f32")
         if bf16_supported():
-            engines[OPENVINO_BF16] = ("openvino", "bf16")
+            engines[OPENVINO_BF16] = (OPENVINO, "bf16")
     return engines
 
 
@@ -107,38 +67,6 @@ def _runner(key: str, path: Path, threads: int) -> Runner:
     if key == OPENVINO_BF16:
         return openvino_runner(path, threads, "bf16")
     raise ValueError(f"unknown engine key {key!r}")
-
-
-def _median_ms(samples: Sequence[float]) -> float:
-    return round(statistics.median(samples) * 1e3, 3)
-
-
-def interleaved_samples(
-    runners: Mapping[str, Runner], feeds_b1: Feeds, feeds_b32: Feeds, *, rounds: int = 5, b1_reps: int = 5
-) -> dict[str, tuple[list[float], list[float]]]:
-    """Seconds per run ``(b1 samples, b32 samples)`` per runner, one runner after another each round.
-
-    Interleaving spreads the machine's background load over all runners alike, so ratios
-    between them stay fair on a shared machine even when absolute numbers move.
-    """
-    b1: dict[str, list[float]] = {k: [] for k in runners}
-    b32: dict[str, list[float]] = {k: [] for k in runners}
-    for _ in range(rounds):
-        for key, run in runners.items():
-            for feeds, into, reps in ((feeds_b1, b1, b1_reps), (feeds_b32, b32, 1)):
-                for _ in range(reps):
-                    start = time.perf_counter()
-                    run(feeds)
-                    into[key].append(time.perf_counter() - start)
-    return {k: (b1[k], b32[k]) for k in runners}
-
-
-def time_interleaved(
-    runners: Mapping[str, Runner], feeds_b1: Feeds, feeds_b32: Feeds, *, rounds: int = 5, b1_reps: int = 5
-) -> dict[str, tuple[float, float]]:
-    """Median milliseconds ``(b1, b32)`` per runner, timed by :func:`interleaved_samples`."""
-    samples = interleaved_samples(runners, feeds_b1, feeds_b32, rounds=rounds, b1_reps=b1_reps)
-    return {k: (_median_ms(b1), _median_ms(b32)) for k, (b1, b32) in samples.items()}
 
 
 def measure_graphs(
@@ -395,7 +323,7 @@ def runtime_recommendation(key: str, measurements: Mapping[str, Mapping[str, Any
     """The ``manifest.runtime`` record for engine ``key`` (what ``serve --engine auto`` follows)."""
     entry = measurements[key]
     runtime: dict[str, Any] = {"engine": entry["engine"]}
-    if entry["engine"] == "openvino":
+    if entry["engine"] == OPENVINO:
         runtime["precision"] = entry["precision"]
     else:
         runtime["providers"] = ["CPUExecutionProvider"]
@@ -403,20 +331,12 @@ def runtime_recommendation(key: str, measurements: Mapping[str, Mapping[str, Any
 
 
 __all__ = [
-    "DEFAULT_INVARIANCE_TOLERANCE",
-    "ONNXRUNTIME",
-    "OPENVINO_BF16",
-    "OPENVINO_F32",
     "Choice",
     "Scorer",
     "available_engines",
     "best_engine",
-    "bf16_supported",
     "choose",
-    "interleaved_samples",
     "measure_engines",
     "measure_graphs",
-    "openvino_runner",
     "runtime_recommendation",
-    "time_interleaved",
 ]

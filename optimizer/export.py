@@ -24,10 +24,11 @@ import onnx
 import torch
 from torch import Tensor, nn
 
+from pruneserve.engines.ort import inference_session
 from pruneserve.optimizer.errors import ConfigError, ExportError
 from pruneserve.optimizer.modeling import Encoder
 
-__all__ = ["ExportConfig", "ExportResult", "check_parity", "export_onnx", "input_names_for", "make_session"]
+__all__ = ["ExportConfig", "ExportResult", "check_parity", "export_onnx", "input_names_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -198,18 +199,6 @@ def export_onnx(encoder: Encoder, path: str | Path, config: ExportConfig | None 
     return ExportResult(path=out, input_names=names, output_names=[output], opset=config.opset, exporter=exporter)
 
 
-def make_session(onnx_path: str | Path, threads: int = 1):  # noqa: ANN201 - onnxruntime.InferenceSession
-    """A CPU ONNX Runtime session for checks (no spinning, so it does not slow neighbours)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-
-
 def check_parity(
     encoder: Encoder, onnx_path: str | Path, batches: Iterable[Mapping[str, Tensor]], atol: float = 1e-4
 ) -> float:
@@ -218,7 +207,8 @@ def check_parity(
     Each batch is a tokenized dict (``input_ids``, ``attention_mask``, ...); keys the graph
     does not take are ignored. Raises :class:`ExportError` if the difference exceeds ``atol``.
     """
-    session = make_session(onnx_path)
+    # No spinning: a check session must not slow the timed ones next to it.
+    session = inference_session(onnx_path, threads=1, spinning="off")
     graph_inputs = [i.name for i in session.get_inputs()]
     worst = 0.0
     seen = 0

@@ -28,8 +28,8 @@ from typing import Iterator
 import numpy as np
 import onnx
 
+from pruneserve.engines.ort import inference_session
 from pruneserve.optimizer.errors import ConfigError, FusionError
-from pruneserve.optimizer.export import make_session
 from pruneserve.optimizer.modeling import EncoderSpec
 
 __all__ = ["FusionConfig", "FusionResult", "check_fusions", "expected_fusions", "fuse"]
@@ -194,7 +194,8 @@ def _random_batches(spec: EncoderSpec, input_names: list[str], config: FusionCon
 
 
 def _max_diff(reference: Path, candidate: Path, spec: EncoderSpec, config: FusionConfig) -> float:
-    ref, cand = make_session(reference), make_session(candidate)
+    ref = inference_session(reference, threads=1, spinning="off")
+    cand = inference_session(candidate, threads=1, spinning="off")
     names = [i.name for i in ref.get_inputs()]
     cand_names = [i.name for i in cand.get_inputs()]
     if names != cand_names:

@@ -662,12 +662,14 @@ def _select(
     and the manifest says why; its batch invariance is still measured on ONNX Runtime's CPU
     provider where the graph runs there, and is false where it could not be measured.
     """
+    from pruneserve.engines.keys import ONNXRUNTIME
+    from pruneserve.engines.measure import DEFAULT_INVARIANCE_TOLERANCE
     from pruneserve.optimizer import engines, validate
     from pruneserve.optimizer.errors import ValidationError
 
     auto = config.quantize.mode == "auto"
     eval_feeds = [{k: v.numpy() for k, v in b.inputs.items()} for b in eval_batches]
-    tolerance = engines.DEFAULT_INVARIANCE_TOLERANCE
+    tolerance = DEFAULT_INVARIANCE_TOLERANCE
     ok = {m: r for m, r in built.items() if isinstance(r, QuantizeResult)}
     if config.target != "cpu":
         (mode, result), = ok.items()
@@ -716,13 +718,13 @@ def _select(
         # validation then stops the run naming the floor and the fix if quality is the reason.
         failure = str(exc)
         mode = config.quantize.mode
-        choice = engines.Choice(mode, engines.ONNXRUNTIME, "", {mode: {
+        choice = engines.Choice(mode, ONNXRUNTIME, "", {mode: {
             k: "no engine qualifies (see selection.error); ONNX Runtime kept" for k in measured[mode]}})
     chosen = ok[choice.graph]
     entry = measured[choice.graph].get(choice.engine, {})
     invariance = entry.get("batch_invariance")
     batch_invariant = invariance is not None and float(invariance) <= tolerance
-    ort_quality = measured[choice.graph].get(engines.ONNXRUNTIME, {}).get("fidelity")
+    ort_quality = measured[choice.graph].get(ONNXRUNTIME, {}).get("fidelity")
     if chosen.quality is None and ort_quality is not None:
         chosen.quality = ort_quality
     candidates: dict[str, Any] = {}
@@ -735,7 +737,7 @@ def _select(
             "chosen": mode == choice.graph,
             "batch_invariant_by_design": result.batch_invariant,
             "build_seconds": result.settings.get("build_seconds"),
-            "quality_held_out": measured[mode].get(engines.ONNXRUNTIME, {}).get("fidelity"),
+            "quality_held_out": measured[mode].get(ONNXRUNTIME, {}).get("fidelity"),
             "details": _candidate_details(result),
             "engines": measured[mode],
             "verdicts": verdicts,
@@ -759,10 +761,10 @@ def _select(
     logger.info("engines: chose %s on %s (%s); batch-invariant: %s", choice.graph, choice.engine,
                 candidates[choice.graph]["why"], batch_invariant)
     recommended = (engines.runtime_recommendation(choice.engine, measured[choice.graph])
-                   if "engine" in entry else {"engine": "onnxruntime", "providers": ["CPUExecutionProvider"]})
+                   if "engine" in entry else {"engine": ONNXRUNTIME, "providers": ["CPUExecutionProvider"]})
     runtime = {**recommended, "chosen_by": f"{by}; measured on this build machine ({choice.latency_key})"}
     latency: dict[str, Any] = {}
-    if choice.engine != engines.ONNXRUNTIME and "error" not in entry:
+    if choice.engine != ONNXRUNTIME and "error" not in entry:
         medians = {k[len("latency_"):-len("_ms")]: v for k, v in entry.items()
                    if k.startswith("latency_b") and k.endswith("_ms")}
         latency[f"artifact on {choice.engine}"] = validate.Latency(
@@ -785,7 +787,8 @@ def _candidate_details(result: QuantizeResult) -> dict[str, Any]:
 
 def _ort_invariance(result: QuantizeResult, eval_feeds: list[dict[str, Any]]) -> float | None:
     """Batch invariance of a graph on ONNX Runtime's CPU provider; None where it does not run there."""
-    from pruneserve.optimizer.static_int8 import batch_invariance, ort_runner
+    from pruneserve.engines.measure import batch_invariance
+    from pruneserve.engines.ort import ort_runner
 
     if isinstance(result.settings.get("batch_invariance"), float):
         return float(result.settings["batch_invariance"])  # static_int8 measured it already

@@ -17,6 +17,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from pruneserve.engines.measure import cosines
+
 if TYPE_CHECKING:
     from torch import Tensor
 
@@ -94,14 +98,14 @@ def fidelity(
     with the teacher's predictions is measured (see :func:`classifier_quality`).
     """
     import torch
-    import torch.nn.functional as F
 
     if len(teacher) != len(batches):
         raise ValueError(f"{len(teacher)} teacher outputs for {len(batches)} batches")
     task = student.spec.task
     was_training = student.training
     student.eval()
-    cosines: list[Tensor] = []
+    outputs: list[np.ndarray] = []
+    references: list[np.ndarray] = []
     predictions: list[tuple[Any, Any, Any]] = []
     try:
         with torch.no_grad():
@@ -111,13 +115,14 @@ def fidelity(
                     predictions.append((out.argmax(-1).numpy(), reference.argmax(-1).numpy(),
                                         None if batch.labels is None else batch.labels.numpy()))
                 else:
-                    cosines.append(F.cosine_similarity(out.float(), reference.float(), dim=-1))
+                    outputs.append(out.float().numpy())
+                    references.append(reference.float().numpy())
     finally:
         student.train(was_training)
     if task == "classification":
         return classifier_quality(predictions)
-    cos = torch.cat(cosines)
-    return Quality(task=task, examples=int(cos.numel()), mean_cosine=float(cos.mean()), min_cosine=float(cos.min()))
+    cos = cosines(outputs, references)
+    return Quality(task=task, examples=int(cos.size), mean_cosine=float(cos.mean()), min_cosine=float(cos.min()))
 
 
 def classifier_quality(predictions: Sequence[tuple[Any, Any, Any]]) -> Quality:

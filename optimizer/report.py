@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pruneserve.engines.keys import OPENVINO
+
 if TYPE_CHECKING:
     from torch import Tensor
 
@@ -122,7 +124,7 @@ def served_as(manifest: Manifest) -> str:
     """The quantization, engine and precision the artifact is served with, in words."""
     runtime: Mapping[str, Any] = manifest.runtime or {}
     mode = (manifest.quantization or {}).get("mode")
-    if runtime.get("engine") == "openvino":
+    if runtime.get("engine") == OPENVINO:
         engine = f"OpenVINO {runtime.get('precision', 'f32')}"
     else:
         providers = runtime.get("providers") or ["CPUExecutionProvider"]
@@ -163,7 +165,7 @@ def served_quality(manifest: Manifest) -> tuple[float | None, str | None]:
     """The artifact's held-out quality as served, and the engine it was measured on when that is
     not ONNX Runtime (whose figure is the quality table's last stage)."""
     runtime: Mapping[str, Any] = manifest.runtime or {}
-    if runtime.get("engine") == "openvino":
+    if runtime.get("engine") == OPENVINO:
         precision = runtime.get("precision", "f32")
         fidelity = (manifest.engines or {}).get(f"openvino-{precision}", {}).get("fidelity")
         if isinstance(fidelity, (int, float)):

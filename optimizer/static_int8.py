@@ -52,26 +52,26 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
+from pruneserve.engines.measure import (
+    DEFAULT_INVARIANCE_TOLERANCE,
+    Feeds,
+    batch_invariance,
+    fidelity,
+    split_items,
+    stack_items,
+)
+from pruneserve.engines.ort import inference_session, ort_runner, session_runner
 from pruneserve.optimizer.errors import ConfigError, QuantizationError
-from pruneserve.ort_options import spinning_entries
 
 if TYPE_CHECKING:
     from pruneserve.optimizer.quantize import QuantizeConfig
 
 logger = logging.getLogger(__name__)
 
-Feeds = Mapping[str, np.ndarray]
-#: Runs a graph's first output on named feeds.
-Runner = Callable[[Feeds], np.ndarray]
 
 METHODS: tuple[str, ...] = ("auto", "nncf", "ort")
 NNCF_PRESETS: tuple[str, ...] = ("performance", "mixed")
 ORT_CALIBRATIONS: tuple[str, ...] = ("minmax", "percentile", "entropy")
-#: Largest answer change (max abs, alone vs batched with others) for a graph to count as
-#: batch-invariant, here and in engines.py / the pipeline's choice (issue 10: <= 1e-4).
-#: Static INT8 and fp32 keep answers fixed up to float rounding in the non-quantized ops
-#: (~1e-8 measured on MiniLM): far below dynamic INT8's ~3e-2.
-DEFAULT_INVARIANCE_TOLERANCE = 1e-4
 #: What brings NNCF (with OpenVINO): said wherever NNCF is missing.
 NNCF_INSTALL = "pip install 'pruneserve[openvino]'"
 
@@ -248,108 +248,6 @@ def check_static_method(quantize: QuantizeConfig) -> None:
     """
     if quantize.mode == "static" or (quantize.mode == "auto" and "static" in quantize.candidates):
         resolve_static_method(quantize.static_method, load=False)
-
-
-# =========================================================================================
-# Measuring: fidelity and batch invariance on any runner
-# =========================================================================================
-def ort_runner(path: str | Path, threads: int = 1) -> Runner:
-    """A CPU ONNX Runtime session on ``path`` returning the first output.
-
-    Its threads spin as ``pruneserve serve``'s do (inside a run only), so latency measured
-    through it is latency as served, and it leaves no spinning threads behind to slow the
-    next engine timed in this process.
-    """
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    for key, value in spinning_entries().items():
-        so.add_session_config_entry(key, value)
-    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    inputs = [i.name for i in session.get_inputs()]
-    first = session.get_outputs()[0].name
-
-    def run(feeds: Feeds) -> np.ndarray:
-        return session.run([first], {k: feeds[k] for k in inputs})[0]
-
-    return run
-
-
-def mean_cosine(got: Sequence[np.ndarray], want: Sequence[np.ndarray]) -> float:
-    """Mean row-wise cosine between two lists of ``[batch, dim]`` arrays."""
-    if len(got) != len(want):
-        raise ValueError(f"{len(got)} outputs vs {len(want)} references")
-    a = np.concatenate([np.asarray(g, np.float64).reshape(len(g), -1) for g in got])
-    b = np.concatenate([np.asarray(w, np.float64).reshape(len(w), -1) for w in want])
-    if a.shape != b.shape:
-        raise ValueError(f"output shape {a.shape} differs from the references' {b.shape}")
-    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-    return float(cos.mean())
-
-
-def fidelity(run: Runner, eval_feeds: Sequence[Feeds], reference_outputs: Sequence[np.ndarray]) -> float:
-    """Mean cosine between ``run``'s outputs on ``eval_feeds`` and the reference outputs."""
-    return mean_cosine([run(f) for f in eval_feeds], reference_outputs)
-
-
-def split_items(feeds_list: Sequence[Feeds]) -> list[dict[str, np.ndarray]]:
-    """Every row of every batch as its own ``[1, length]`` feeds, trimmed to its real length."""
-    items: list[dict[str, np.ndarray]] = []
-    for feeds in feeds_list:
-        mask = np.asarray(feeds["attention_mask"])
-        for row in range(mask.shape[0]):
-            length = max(1, int(mask[row].sum()))
-            items.append({k: np.asarray(v)[row : row + 1, :length] for k, v in feeds.items()})
-    return items
-
-
-def stack_items(items: Sequence[Feeds], pad_id: int = 0) -> dict[str, np.ndarray]:
-    """Right-pad ``[1, length]`` items to the longest and stack them (mask 0 on padding)."""
-    length = max(int(next(iter(i.values())).shape[1]) for i in items)
-    out: dict[str, np.ndarray] = {}
-    for name in items[0]:
-        fill = pad_id if name == "input_ids" else 0
-        rows = [np.pad(np.asarray(i[name]), ((0, 0), (0, length - i[name].shape[1])), constant_values=fill) for i in items]
-        out[name] = np.concatenate(rows).astype(np.int64)
-    return out
-
-
-def batch_invariance(
-    run: Runner, eval_feeds: Sequence[Feeds], *, probes: int = 4, batch_size: int = 8, seed: int = 0, pad_id: int = 0
-) -> float:
-    """Largest change of a text's output between running it alone and inside batches.
-
-    For each probe text: alone; in a batch of identical copies; and in batches with random
-    other texts of other lengths (so it is padded, and sits at a random row). Returns the max
-    abs difference to the alone answer over all of them; 0 for a perfectly invariant graph.
-    """
-    items = split_items(eval_feeds)
-    if len(items) < 2:
-        raise ValueError("batch invariance needs at least two evaluation texts")
-    rng = np.random.default_rng(seed)
-    lengths = np.array([i["input_ids"].shape[1] for i in items])
-    # Probe the shortest texts: they get the most padding when batched with longer ones.
-    order = np.argsort(lengths, kind="stable")
-    worst = 0.0
-    for p in order[: min(probes, len(items))]:
-        probe = items[int(p)]
-        alone = run(probe)[0]
-        same = run(stack_items([probe] * min(batch_size, 4), pad_id))
-        worst = max(worst, float(np.abs(same - alone[None]).max()))
-        others = [i for i in range(len(items)) if i != p and lengths[i] != lengths[p]] or [
-            i for i in range(len(items)) if i != p
-        ]
-        for _ in range(2):
-            mates = list(rng.choice(others, size=min(batch_size - 1, len(others)), replace=False))
-            at = int(rng.integers(0, len(mates) + 1))
-            batch = [items[int(m)] for m in mates]
-            batch.insert(at, probe)
-            out = run(stack_items(batch, pad_id))
-            worst = max(worst, float(np.abs(out[at] - alone).max()))
-    return worst
 
 
 # =========================================================================================
@@ -598,26 +496,16 @@ def _node_sensitivity(
     Measured on the fully quantized graph with one node at a time switched back to float
     (its QDQ pairs bypassed in memory): one session per node, no re-calibration.
     """
-    import onnxruntime as ort
-
     qdq = onnx.load(str(qdq_path))
     fp32 = onnx.load(str(fp32_path))
     base = fidelity(ort_runner(qdq_path, threads), eval_feeds, reference_outputs)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     gains: list[tuple[str, float]] = []
     for name in weight_matmuls(fp32_path):
-        session = ort.InferenceSession(
-            _without_quantization(qdq, fp32, [name]).SerializeToString(), so, providers=["CPUExecutionProvider"]
+        # No spinning: one short-lived session per node, none left spinning behind it.
+        session = inference_session(
+            _without_quantization(qdq, fp32, [name]).SerializeToString(), threads=threads, spinning="off"
         )
-        inputs = [i.name for i in session.get_inputs()]
-        first = session.get_outputs()[0].name
-
-        def run(feeds: Feeds, session: Any = session, inputs: list[str] = inputs, first: str = first) -> np.ndarray:
-            return session.run([first], {k: feeds[k] for k in inputs})[0]
-
+        run = session_runner(session)
         gains.append((name, fidelity(run, eval_feeds, reference_outputs) - base))
     return sorted(gains, key=lambda kv: kv[1], reverse=True)
 
@@ -784,22 +672,15 @@ def quantize_static_int8(
 
 
 __all__ = [
-    "DEFAULT_INVARIANCE_TOLERANCE",
     "METHODS",
     "NNCF_INSTALL",
     "StaticInt8Config",
     "StaticInt8Result",
-    "batch_invariance",
     "check_static_method",
-    "fidelity",
-    "mean_cosine",
     "nncf_unavailable",
-    "ort_runner",
     "quantize_nncf",
     "quantize_ort",
     "quantize_static_int8",
     "resolve_static_method",
-    "split_items",
-    "stack_items",
     "weight_matmuls",
 ]

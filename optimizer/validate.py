@@ -33,9 +33,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
+from pruneserve.engines.keys import ENGINE_KEYS, ONNXRUNTIME
+from pruneserve.engines.measure import cosines
+from pruneserve.engines.ort import inference_session
 from pruneserve.optimizer.errors import ConfigError, ValidationError
 from pruneserve.optimizer.quality import Quality, classifier_quality
-from pruneserve.ort_options import spinning_entries
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -53,8 +55,6 @@ TARGET_PROVIDERS: dict[str, tuple[str, ...]] = {
     "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
 }
 TARGETS: tuple[str, ...] = tuple(TARGET_PROVIDERS)
-#: Engine keys the optimizer can measure (``engines.py``; those not installed are skipped).
-ENGINE_KEYS: tuple[str, ...] = ("onnxruntime", "openvino-f32", "openvino-bf16")
 
 
 @dataclass
@@ -135,18 +135,7 @@ def make_session(
     path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0
 ) -> ort.InferenceSession:
     """An ONNX Runtime session on the first available of ``providers``, spinning as ``serve`` does."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    for key, value in spinning_entries().items():
-        options.add_session_config_entry(key, value)
-    available = set(ort.get_available_providers())
-    requested = [p for p in providers if p in available] or ["CPUExecutionProvider"]
-    return ort.InferenceSession(str(path), options, providers=requested)
+    return inference_session(path, threads=threads, providers=providers)
 
 
 def providers_used(
@@ -199,12 +188,7 @@ def compare_outputs(
             (out.argmax(-1), ref.numpy().argmax(-1), None if batch.labels is None else batch.labels.numpy())
             for out, ref, batch in zip(outputs, teacher, batches)
         ])
-    cosines = []
-    for out, ref in zip(outputs, teacher):
-        a, b = out.astype(np.float64), ref.numpy().astype(np.float64)
-        denom = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-        cosines.append((a * b).sum(axis=1) / denom)
-    cos = np.concatenate(cosines)
+    cos = cosines(list(outputs), [ref.numpy() for ref in teacher])
     if not np.isfinite(cos).all():
         # NaN compares false with every floor; make a broken graph fail loudly instead.
         return Quality(task, int(cos.size), mean_cosine=float("-inf"), min_cosine=float("-inf"))
@@ -283,7 +267,7 @@ def latency_shapes(config: ValidateConfig, max_sequence_length: int | None) -> l
 
 def onnx_latency(
     path: str | Path, config: ValidateConfig, vocab_size: int, providers: Sequence[str] = ("CPUExecutionProvider",),
-    runtime: str = "onnxruntime", max_sequence_length: int | None = None,
+    runtime: str = ONNXRUNTIME, max_sequence_length: int | None = None,
 ) -> Latency:
     """Median latency of the graph at each of ``config.latency_shapes`` (clamped to the model's length)."""
     session = make_session(path, providers, config.threads)

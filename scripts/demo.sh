@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # `make demo`: optimize the embedded default model (all-MiniLM-L6-v2), serve it on
-# 127.0.0.1 and query it with a real gRPC client; the server is stopped on exit.
+# 127.0.0.1 and query it with a real gRPC client and over HTTP (OpenAI-style /v1/embeddings);
+# the server is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${VENV:-.venv}/bin
 ART=${DEMO_MODEL:-artifacts/minilm}
 GRPC_PORT=${GRPC_PORT:-8001}
 METRICS_PORT=${METRICS_PORT:-8002}
+HTTP_PORT=${HTTP_PORT:-8000}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 if [[ -f "$ART/manifest.json" ]]; then
@@ -17,8 +19,8 @@ else
 fi
 echo "== report: $ART/report.md"
 
-echo "== serving $ART on 127.0.0.1:$GRPC_PORT (metrics on :$METRICS_PORT)"
-"$BIN/pruneserve" serve "$ART" --host 127.0.0.1 --grpc-port "$GRPC_PORT" \
+echo "== serving $ART on 127.0.0.1:$GRPC_PORT (HTTP on :$HTTP_PORT, metrics on :$METRICS_PORT)"
+"$BIN/pruneserve" serve "$ART" --host 127.0.0.1 --grpc-port "$GRPC_PORT" --http-port "$HTTP_PORT" \
   --metrics-host 127.0.0.1 --metrics-port "$METRICS_PORT" &
 SERVER=$!
 trap 'kill -TERM $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
@@ -45,6 +47,16 @@ for name, value in answer["outputs"].items():
     if name == "embedding":
         unit = arr / np.linalg.norm(arr, axis=1, keepdims=True)
         print(f"cosine(text 1, text 2) = {unit[0] @ unit[1]:.3f} (similar); cosine(text 1, text 3) = {unit[0] @ unit[2]:.3f} (unrelated)")
+PY
+echo "== querying $MODEL over HTTP: POST /v1/embeddings (OpenAI-compatible)"
+"$BIN/python" - "$HTTP_PORT" "$MODEL" <<'PY'
+import json, sys, urllib.request
+body = json.dumps({"model": sys.argv[2], "input": ["A cheap encoder still understands sentences."]}).encode()
+request = urllib.request.Request(f"http://127.0.0.1:{sys.argv[1]}/v1/embeddings", data=body,
+                                 headers={"Content-Type": "application/json"})
+answer = json.load(urllib.request.urlopen(request, timeout=30))
+vector = answer["data"][0]["embedding"]
+print(f"embedding: {len(vector)} floats, first {[round(v, 4) for v in vector[:4]]}; usage {answer['usage']}")
 PY
 echo "== metrics (excerpt)"
 "$BIN/python" - "$METRICS_PORT" <<'PY'

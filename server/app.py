@@ -12,6 +12,12 @@ is what ``pruneserve serve`` runs: it loads the artifacts, exits with an error w
    itself answers calls that race its own stop with CANCELLED, which clients do not retry;
 4. the gRPC server stops (cancelling anything still running), then the data plane,
    then the metrics endpoint; the process exits 0.
+
+The HTTP transport (:mod:`pruneserve.server.http_transport`, on ``http_port`` unless ``http``
+is off) starts and stops with the gRPC server over the same data plane and loop: in step 1
+its readiness turns 503, in step 2 new requests get 503, in step 3 its requests in flight
+finish too, and in step 4 it closes its listener and connections. TLS (and mutual TLS) from
+the same PEM files applies to both.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +40,7 @@ from pruneserve.server._proto import grpc_service_pb2_grpc as pb_grpc
 from pruneserve.server.config import ServeConfig
 from pruneserve.server.errors import ConfigError, ModelLoadError
 from pruneserve.server.health import HealthReporter
+from pruneserve.server.http_transport import HttpTransport
 from pruneserve.server.interceptors import DrainInterceptor, ErrorInterceptor
 from pruneserve.server.servicer import InferenceServicer
 
@@ -65,6 +73,7 @@ class InferenceServer:
         health: HealthReporter,
         drain: DrainInterceptor,
         shutdown: asyncio.Event,
+        http: HttpTransport | None = None,
     ) -> None:
         self.config = config
         self.dataplane = dataplane
@@ -73,6 +82,8 @@ class InferenceServer:
         self.health = health
         self._drain = drain
         self._shutdown = shutdown
+        #: The HTTP/REST transport, or None with ``http`` off.
+        self.http = http
         self._metrics_http: tuple[WSGIServer, threading.Thread] | None = None
         self._stopping: asyncio.Task[None] | None = None
 
@@ -80,6 +91,11 @@ class InferenceServer:
     def address(self) -> str:
         """``host:port`` the server listens on."""
         return join_host_port(self.config.host, self.port)
+
+    @property
+    def http_port(self) -> int | None:
+        """The bound HTTP port, or None when HTTP is off."""
+        return self.http.port if self.http is not None else None
 
     @property
     def metrics_port(self) -> int | None:
@@ -117,18 +133,28 @@ class InferenceServer:
         deadline = time.monotonic() + grace
         await self.health.shutdown()
         self._drain.start_draining()
+        if self.http is not None:
+            self.http.start_draining()
         self._shutdown.set()  # open streams stop reading and end
         in_flight = self._drain.in_flight
-        logger.info("shutting down: refusing new RPCs, %d in flight, grace %.1f s", in_flight, grace)
+        http_in_flight = self.http.in_flight if self.http is not None else 0
+        logger.info(
+            "shutting down: refusing new requests, %d RPCs and %d HTTP requests in flight, grace %.1f s",
+            in_flight, http_in_flight, grace,
+        )  # fmt: skip
         if not await self._drain.wait_idle(grace):
             logger.warning(
                 "grace of %.1f s ran out with %d RPCs still running; cancelling them", grace, self._drain.in_flight
             )
+        if self.http is not None and not await self.http.wait_idle(deadline - time.monotonic()):
+            logger.warning("grace of %.1f s ran out with %d HTTP requests still running", grace, self.http.in_flight)
         # grpc cancels (CANCELLED, not retryable) calls that arrive once its own stop begins.
         # Clients whose last request was just answered send the next one right away, so keep
         # refusing them with UNAVAILABLE for a moment first: they learn to go elsewhere.
         await asyncio.sleep(min(REFUSAL_LINGER_S, max(0.0, deadline - time.monotonic())))
         await self.grpc_server.stop(max(0.0, deadline - time.monotonic()))
+        if self.http is not None:
+            await self.http.stop()
         await self.dataplane.stop(max(0.0, deadline - time.monotonic()))
         if self._metrics_http is not None:
             http, thread = self._metrics_http
@@ -174,6 +200,31 @@ def server_credentials(config: ServeConfig) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
     )
+
+
+def http_ssl_context(config: ServeConfig) -> ssl.SSLContext | None:
+    """The HTTP transport's TLS context from the same PEM files as gRPC's, or None for plaintext.
+
+    With ``tls_client_ca`` a client certificate signed by that CA is required (mutual TLS).
+    """
+    if not config.tls_cert:
+        return None
+    # Read through _read_pem first: its errors name the config field and the fix.
+    _read_pem("tls_cert", config.tls_cert, b"CERTIFICATE-----")
+    _read_pem("tls_key", config.tls_key, b"PRIVATE KEY-----")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+        if config.tls_client_ca:
+            _read_pem("tls_client_ca", config.tls_client_ca, b"CERTIFICATE-----")
+            context.load_verify_locations(cafile=config.tls_client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"tls_cert/tls_key/tls_client_ca cannot be used for HTTP TLS ({exc.reason or exc}); check that the key "
+            "matches the certificate"
+        ) from None
+    return context
 
 
 def join_host_port(host: str, port: int) -> str:
@@ -255,15 +306,34 @@ async def create_server(config: ServeConfig, dataplane: DataPlane | None = None)
             f"cannot listen on {address} ({exc}); the port is in use or the host is not local: choose another "
             "--grpc-port or --host"
         ) from None
+    http: HttpTransport | None = None
+    security = "mutual TLS" if config.tls_client_ca else "TLS" if config.tls_cert else "plaintext"
+    if config.http:
+        http = HttpTransport(dataplane, config)
+        try:
+            await http.start(config.host, config.http_port, http_ssl_context(config))
+        except (OSError, ConfigError) as exc:
+            await server.stop(0)  # releases the gRPC port bound above
+            await dataplane.stop(0)
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(
+                f"cannot listen for HTTP on {join_host_port(config.host, config.http_port)} ({exc.strerror or exc}); "
+                "the port is in use or the host is not local: choose another --http-port (0 = any free one), "
+                "or --no-http"
+            ) from None
     await server.start()
     await health.start()
     logger.info(
         "gRPC listening on %s (%s), models: %s",
-        join_host_port(config.host, port),
-        "mutual TLS" if config.tls_client_ca else "TLS" if config.tls_cert else "plaintext",
-        ", ".join(dataplane.model_names()) or "none",
-    )
-    return InferenceServer(config, dataplane, server, port, health, drain, shutdown), port
+        join_host_port(config.host, port), security, ", ".join(dataplane.model_names()) or "none",
+    )  # fmt: skip
+    if http is not None:
+        # The bound port: with --http-port 0 this line is how to find it.
+        logger.info("HTTP listening on %s (%s)", join_host_port(config.host, http.port or 0), security)
+    else:
+        logger.info("HTTP off (--no-http)")
+    return InferenceServer(config, dataplane, server, port, health, drain, shutdown, http), port
 
 
 async def serve(config: ServeConfig) -> int:
@@ -277,6 +347,8 @@ async def serve(config: ServeConfig) -> int:
     from pruneserve.server.dataplane import DataPlane
 
     server_credentials(config)  # bad TLS files fail before loading models, which takes seconds
+    if config.http:
+        http_ssl_context(config)
     dataplane = DataPlane(config)
     await dataplane.start()
     if not dataplane.model_names():
@@ -314,4 +386,12 @@ async def serve(config: ServeConfig) -> int:
     return 0
 
 
-__all__ = ["INFERENCE_SERVICE_NAME", "InferenceServer", "create_server", "join_host_port", "serve", "server_credentials"]
+__all__ = [
+    "INFERENCE_SERVICE_NAME",
+    "InferenceServer",
+    "create_server",
+    "http_ssl_context",
+    "join_host_port",
+    "serve",
+    "server_credentials",
+]

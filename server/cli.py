@@ -36,7 +36,7 @@ def _int_csv(value: str) -> list[int]:
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``serve`` and ``infer``."""
-    from pruneserve.ort_options import SPINNING_MODES
+    from pruneserve.engines.ort_settings import SPINNING_MODES
     from pruneserve.server.config import ServeConfig
 
     defaults = ServeConfig.__dataclass_fields__
@@ -59,8 +59,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     serve.add_argument("artifacts", nargs="*", metavar="ARTIFACT_DIR", help="artifact directories to serve")
     serve.add_argument("--config", dest="config_file", metavar="YAML", help="read ServeConfig fields from a YAML file")
-    serve.add_argument("--host", help=f"gRPC listen address (default {default('host')})")
+    serve.add_argument("--host", help=f"gRPC and HTTP listen address (default {default('host')})")
     serve.add_argument("--grpc-port", type=int, help=f"gRPC port, 0 = any free one (default {default('grpc_port')})")
+    serve.add_argument(
+        "--http-port", type=int,
+        help=f"KServe v2 / Triton HTTP and OpenAI-compatible /v1 port, 0 = any free one, named in the log "
+             f"(default {default('http_port')}, Triton's)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--http", action=argparse.BooleanOptionalAction,
+        help="serve HTTP/REST beside gRPC (default on; --no-http = gRPC only)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--http-read-timeout-s", type=float,
+        help=f"most seconds an HTTP request body may take to arrive, else 408 (default {default('http_read_timeout_s')})",
+    )  # fmt: skip
     serve.add_argument("--metrics-host", help=f"Prometheus listen address (default {default('metrics_host')})")
     serve.add_argument(
         "--metrics-port", type=int,
@@ -116,6 +129,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--isolate-batch-variant", action="store_true",
         help="run artifacts whose manifest says batch_invariant: false (dynamic INT8) one request per "
              "execution, so an answer never depends on its batch-mates (default: batch them)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--probe-invariance", action="store_true",
+        help="measure batch invariance at load (a few synthetic batches) when the engine and precision served "
+             "were not measured by the optimizer (default: assume it only at the graph's own precision)",
     )  # fmt: skip
     serve.add_argument(
         "--length-buckets", type=_int_csv, metavar="LIST", help="sequence-length bucket bounds, e.g. 32,128,512"

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pruneserve.ort_options import DEFAULT_SPINNING, SPINNING_MODES
+from pruneserve.engines.keys import ENGINE_NAMES as _ENGINE_NAMES
+from pruneserve.engines.keys import OPENVINO_PRECISIONS
+from pruneserve.engines.ort_settings import DEFAULT_SPINNING, SPINNING_MODES
 from pruneserve.outputs import OutputError, check_capture_file
 from pruneserve.server.errors import ConfigError
 
@@ -25,10 +27,7 @@ logger = logging.getLogger(__name__)
 #: Execution-provider short names, in the order of preference the server tries them.
 PROVIDER_NAMES: tuple[str, ...] = ("tensorrt", "cuda", "cpu")
 #: Engines a config may name; ``auto`` picks the artifact's recommendation, else ONNX Runtime.
-ENGINE_NAMES: tuple[str, ...] = ("auto", "onnxruntime", "openvino")
-#: OpenVINO precision hints; ``auto`` = the artifact's recorded choice, else f32
-#: (the same names as ``engine_openvino.PRECISIONS``; repeated here to avoid an import cycle).
-OPENVINO_PRECISIONS: tuple[str, ...] = ("auto", "f32", "bf16")
+ENGINE_NAMES: tuple[str, ...] = ("auto", *_ENGINE_NAMES)
 #: Default sequence-length bucket bounds: a request joins the smallest bucket that holds it.
 DEFAULT_LENGTH_BUCKETS: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
 #: Smallest size of one capture file: room for a few captured texts before it rotates.
@@ -50,6 +49,12 @@ class ServeConfig:
     Attributes:
         artifacts: artifact directories to serve (each written by ``pruneserve optimize``).
         host, grpc_port: where the gRPC server listens.
+        http, http_port: serve KServe v2 / Triton HTTP/REST and the OpenAI-compatible routes
+            on ``host:http_port`` (Triton's 8000; 0 = a free port, named in the log);
+            ``http`` off (``--no-http``) = gRPC only. TLS and ``max_message_bytes`` apply to
+            it as to gRPC.
+        http_read_timeout_s: most seconds an HTTP request's body may take to arrive; a slower
+            client gets 408 and its connection is closed, without holding up other requests.
         metrics_host, metrics_port: where Prometheus scrapes ``/metrics`` (port 0 = a free
             port, named in the log, as for ``grpc_port``).
         metrics: serve the Prometheus endpoint at all (``--no-metrics`` turns it off).
@@ -84,7 +89,10 @@ class ServeConfig:
         length_buckets: upper bounds of sequence-length buckets for batching.
         isolate_batch_variant: run artifacts whose manifest says ``batch_invariant: false``
             (dynamic INT8) one request per execution, so an answer never depends on others.
-        max_message_bytes: largest gRPC message accepted or sent.
+        probe_invariance: when the engine and precision served were not measured by the
+            optimizer (no ``manifest.engines`` entry for them), measure batch invariance at
+            load with a few synthetic token batches instead of assuming it.
+        max_message_bytes: largest gRPC message, and largest HTTP request body, accepted or sent.
         grace_seconds: how long shutdown waits for accepted work.
         max_connection_age_s: close each client connection after about this many seconds
             (gRPC adds +/-10% jitter), letting its in-flight calls finish within
@@ -115,6 +123,9 @@ class ServeConfig:
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 8002
     metrics: bool = True
+    http: bool = True
+    http_port: int = 8000
+    http_read_timeout_s: float = 30.0
     exit_on_error: bool = True
     max_batch_size: int = 32
     max_queue_delay_ms: float = 2.0
@@ -129,6 +140,7 @@ class ServeConfig:
     truncate: bool = False
     length_buckets: list[int] = field(default_factory=lambda: list(DEFAULT_LENGTH_BUCKETS))
     isolate_batch_variant: bool = False
+    probe_invariance: bool = False
     max_message_bytes: int = 64 * 1024 * 1024
     grace_seconds: float = 10.0
     max_connection_age_s: float | None = None
@@ -158,8 +170,9 @@ class ServeConfig:
 
     # -- validation ----------------------------------------------------------------------
     def _validate(self) -> None:
-        for name in ("grpc_port", "metrics_port"):
+        for name in ("grpc_port", "metrics_port", "http_port"):
             _check_int(name, getattr(self, name), 0, 65535, "a TCP port, 0 = pick a free one")
+        _check_float("http_read_timeout_s", self.http_read_timeout_s, 0.1, 3600.0)
         _check_int("max_batch_size", self.max_batch_size, 1, 4096, "e.g. 32")
         _check_int("max_queue_size", self.max_queue_size, 1, 10_000_000, "e.g. 1024")
         _check_int("threads", self.threads, 1, 1024, "intra-op threads per session, e.g. the core count")
@@ -220,8 +233,8 @@ class ServeConfig:
             )
         self.length_buckets = sorted(set(self.length_buckets))
         for name in (
-            "truncate", "isolate_batch_variant", "dispatch_when_idle", "tensorrt_fp16", "tensorrt_int8", "metrics",
-            "exit_on_error",
+            "truncate", "isolate_batch_variant", "probe_invariance", "dispatch_when_idle", "tensorrt_fp16", "tensorrt_int8", "metrics",
+            "exit_on_error", "http",
         ):  # fmt: skip
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")

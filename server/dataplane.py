@@ -306,7 +306,9 @@ class DataPlane:
                 raw = await self._run_alone(batcher, prepared, deadline)
             else:
                 raw = await self._wait(batcher.submit(prepared, deadline, rid), deadline)
-            response = InferResponse(model, version, rt.make_outputs(prepared, raw), id=request.id)
+            response = InferResponse(
+                model, version, rt.make_outputs(prepared, raw), id=request.id, tokens=prepared.encoded.tokens
+            )
             outcome = "success"
             self._maybe_shadow(rt, request, prepared, raw)
             return response

@@ -1,9 +1,11 @@
 """The server's exception hierarchy.
 
 Every error the data plane raises on purpose is a :class:`ServerError`. Each class carries a
-transport-neutral ``code`` (the name of the gRPC status code it maps to; the transport's one
+transport-neutral ``code`` (the name of the gRPC status code it maps to; the gRPC transport's one
 interceptor does the mapping, so this module never imports grpc) and a ``reason``, the
-``outcome`` label of ``pruneserve_requests_total``.
+``outcome`` label of ``pruneserve_requests_total``. :data:`HTTP_STATUS` beside them maps the same
+codes to HTTP statuses (KServe v2 REST, OpenAI routes), so both transports classify every error
+from this one hierarchy.
 
 Messages are written for the caller: they say which value was wrong, the limit, and the fix.
 They never carry stack traces, file-system paths of the server, or other internals; anything
@@ -81,6 +83,26 @@ def quote(value: object, limit: int = MAX_QUOTED_CHARS) -> str:
     return text[: max(1, limit - 1)] + f"…(+{len(text) - limit + 1} chars)"
 
 
+#: ``ServerError.code`` -> the HTTP status the HTTP transport answers with (Triton's choices:
+#: a refused request is 400, an unknown model 404, a full queue 429 so clients back off,
+#: shutting down 503 so load balancers retry elsewhere, a passed deadline 504).
+HTTP_STATUS: dict[str, int] = {
+    "INVALID_ARGUMENT": 400,
+    "NOT_FOUND": 404,
+    "RESOURCE_EXHAUSTED": 429,
+    "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 504,
+    # nginx's "client closed request": never seen by the client, but logged and counted.
+    "CANCELLED": 499,
+    "INTERNAL": 500,
+}
+
+
+def http_status(error: ServerError) -> int:
+    """The HTTP status for ``error`` (500 for a code without an entry)."""
+    return HTTP_STATUS.get(error.code, 500)
+
+
 class InvalidArgumentError(ServerError):
     """The request is malformed: unknown input/output, wrong shape or type, text too long, bad ids."""
 
@@ -145,6 +167,7 @@ class ConfigError(ServerError, ValueError):
 
 
 __all__ = [
+    "HTTP_STATUS",
     "MAX_MESSAGE_CHARS",
     "MAX_QUOTED_CHARS",
     "OUTCOMES",
@@ -157,6 +180,7 @@ __all__ = [
     "ResourceExhaustedError",
     "ServerError",
     "UnavailableError",
+    "http_status",
     "quote",
     "shorten",
 ]

@@ -7,23 +7,33 @@ them to Triton's ``nv_inference_*`` names.
 
 Durations are in seconds. ``model`` and ``version`` labels only ever carry names of loaded
 models (requests for unknown models are recorded under ``model="_unknown"``), so a client
-cannot grow the label set without bound.
+cannot grow the label set without bound. The request metrics also carry ``protocol``
+(``grpc`` or ``http``), taken from :data:`PROTOCOL`, which each transport sets for the
+requests it serves; the registry also holds prometheus-client's ``process_*`` and
+``python_info`` collectors (CPU, memory, open files of the server process).
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 from collections.abc import Mapping, Sequence
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector, ProcessCollector
 from prometheus_client import start_http_server as _prom_start_http_server
 
 logger = logging.getLogger(__name__)
 
 #: Label value used for requests that name a model the server does not have.
 UNKNOWN_MODEL = "_unknown"
+#: Values of the ``protocol`` label of the request metrics.
+PROTOCOLS: tuple[str, ...] = ("grpc", "http")
+#: The transport serving the current task's request. A context variable rather than an
+#: argument so the data plane stays transport-free: the HTTP transport sets it per request,
+#: gRPC tasks never do and see the default.
+PROTOCOL: contextvars.ContextVar[str] = contextvars.ContextVar("pruneserve_protocol", default="grpc")
 
 #: Latency buckets from 100 µs to 10 s (1-2.5-5 steps): CPU INT8 encoders answer in
 #: ~1-5 ms, a queued large batch in hundreds of ms, a stuck one in seconds.
@@ -61,8 +71,9 @@ class Metrics:
         self._pending_lock = threading.Lock()
         self.requests = Counter(
             "pruneserve_requests",
-            "Inference requests by how they ended (success or the error's reason).",
-            (*_MV, "outcome"),
+            "Inference requests by how they ended (success or the error's reason) and the protocol "
+            "they came by (grpc, http).",
+            (*_MV, "outcome", "protocol"),
             registry=r,
         )
         self.inferences = Counter(
@@ -79,8 +90,8 @@ class Metrics:
         )
         self.request_duration = Histogram(
             "pruneserve_request_duration_seconds",
-            "Time from a request's arrival at the data plane to its answer (any outcome).",
-            _MV,
+            "Time from a request's arrival at the data plane to its answer (any outcome), by protocol.",
+            (*_MV, "protocol"),
             buckets=DURATION_BUCKETS,
             registry=r,
         )
@@ -194,11 +205,17 @@ class Metrics:
             registry=r,
         )
 
+        # The process's own health (CPU seconds, resident memory, open fds; Linux only, a no-op
+        # elsewhere) beside the serving metrics, on the same private registry and endpoint.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+
     # -- recording helpers (the data plane calls only these) -----------------------------
-    def observe_request(self, model: str, version: str, outcome: str, seconds: float) -> None:
-        """Record one finished request."""
-        self.requests.labels(model, version, outcome).inc()
-        self.request_duration.labels(model, version).observe(seconds)
+    def observe_request(self, model: str, version: str, outcome: str, seconds: float, protocol: str | None = None) -> None:
+        """Record one finished request (``protocol`` defaults to the current :data:`PROTOCOL`)."""
+        proto = protocol if protocol is not None else PROTOCOL.get()
+        self.requests.labels(model, version, outcome, proto).inc()
+        self.request_duration.labels(model, version, proto).observe(seconds)
 
     def observe_queue(self, model: str, version: str, seconds: float) -> None:
         """Record how long one request waited before its batch started."""
@@ -278,4 +295,13 @@ def start_http_server(
     return _prom_start_http_server(port, addr=host, registry=registry)
 
 
-__all__ = ["DURATION_BUCKETS", "FIDELITY_BUCKETS", "LOGIT_DISTANCE_BUCKETS", "UNKNOWN_MODEL", "Metrics", "start_http_server"]
+__all__ = [
+    "DURATION_BUCKETS",
+    "FIDELITY_BUCKETS",
+    "LOGIT_DISTANCE_BUCKETS",
+    "PROTOCOL",
+    "PROTOCOLS",
+    "UNKNOWN_MODEL",
+    "Metrics",
+    "start_http_server",
+]

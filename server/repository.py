@@ -152,9 +152,9 @@ class ModelRepository:
             )
         if not rt.batch_invariant:
             logger.warning(
-                "model %s version %s is not batch-invariant (e.g. dynamic INT8): an answer may depend "
-                "slightly on its batch-mates%s",
+                "model %s version %s is %s: an answer may depend slightly on its batch-mates%s",
                 rt.name, rt.version,
+                rt.invariance.describe() if rt.invariance is not None else "not batch-invariant",
                 "; running it one request per execution" if self._config.isolate_batch_variant else "",
             )
         if self._metrics is not None:

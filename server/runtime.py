@@ -1,10 +1,10 @@
-"""Engines and tokenization: turning a validated request into model outputs. No gRPC here.
+"""Tokenization and the servable model: turning a validated request into model outputs. No gRPC here.
 
 Three layers, each replaceable on its own:
 
-* :class:`Engine` runs a graph on named numpy feeds. :class:`OnnxRuntimeEngine` (here) and
-  ``OpenVinoEngine`` (``engine_openvino.py``) implement it and are registered by name in
-  :data:`ENGINES`; the batcher, metrics and transport are the same for every engine.
+* An :class:`~pruneserve.engines.Engine` (``pruneserve.engines``: ONNX Runtime, OpenVINO,
+  registered by name in ``pruneserve.engines.ENGINES``) runs a graph on named numpy feeds;
+  this module only chooses which (:func:`resolve_engine_name`) and builds it (:func:`create_engine`).
 * :class:`TextProcessor` owns the artifact's ``tokenizer.json`` (``tokenizers``, server-side)
   and the checks on pre-tokenized ids: length limits, vocabulary range, UTF-8.
 * :class:`ModelRuntime` binds an artifact's manifest, engine and processor: it validates a
@@ -21,28 +21,24 @@ import functools
 import logging
 import math
 import time
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pruneserve import engines
 from pruneserve.artifact import Artifact, Manifest
-from pruneserve.ort_options import DEFAULT_SPINNING, spinning_entries
+from pruneserve.engines import ONNXRUNTIME, OPENVINO, Engine, EngineLoadError, EngineOptions
+from pruneserve.engines.facts import InvarianceFact, batch_invariance_fact
+from pruneserve.engines.openvino import openvino_available
 from pruneserve.server.config import ServeConfig
 from pruneserve.server.errors import InvalidArgumentError, ModelLoadError
 from pruneserve.server.types import InferInput, InferOutput, InferRequest, TensorSpec
 
 logger = logging.getLogger(__name__)
 
-#: Short provider names (config) -> ONNX Runtime execution provider names.
-ORT_PROVIDERS: dict[str, str] = {
-    "tensorrt": "TensorrtExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "cpu": "CPUExecutionProvider",
-}
 #: Name of the raw-text input of every text model.
 TEXT_INPUT = "text"
 #: Output derived by the server from ``logits`` for classifiers.
@@ -51,235 +47,8 @@ _INT_DATATYPES = ("INT64", "INT32")
 
 
 # =========================================================================================
-# Engines
+# Engine choice (the engines themselves live in pruneserve.engines)
 # =========================================================================================
-class Engine(ABC):
-    """A loaded graph that maps named input arrays to named output arrays.
-
-    Implementations must be safe to call :meth:`run` from several threads at once (the
-    batcher's worker pool) and must report the devices they really use, not the ones asked for.
-    """
-
-    #: Engine name as used in the config (``onnxruntime``, ``openvino``).
-    name: str = ""
-
-    @property
-    @abstractmethod
-    def providers(self) -> list[str]:
-        """Execution providers/devices actually in use, most preferred first."""
-
-    @property
-    @abstractmethod
-    def requested_providers(self) -> list[str]:
-        """The providers asked for, most preferred first.
-
-        The first entry is the operator's first choice even when this build lacks it, so a
-        GPU deployment that got a CPU-only build shows up as a fallback.
-        """
-
-    @abstractmethod
-    def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """Run the graph; returns the requested outputs (all when ``None``) by name."""
-
-    def describe(self) -> dict[str, str]:
-        """Labels describing this engine for logs and ``pruneserve_model_info``."""
-        return {
-            "engine": self.name,
-            "provider": self.providers[0] if self.providers else "",
-            "providers": ",".join(self.providers),
-        }
-
-    @property
-    def precision(self) -> str:
-        """Precision of the graph's float parts as the engine runs them (``f32`` = the graph's own)."""
-        return "f32"
-
-    @property
-    def exact(self) -> bool:
-        """Whether the engine computes at the graph's own precision (fp32 stays fp32).
-
-        An engine that lowers precision (TensorRT fp16, OpenVINO bf16) makes answers
-        depend on batch-mates, so a batch-invariant artifact is no longer served as one.
-        """
-        return self.precision == "f32"
-
-    def close(self) -> None:  # noqa: B027 - optional hook
-        """Release the engine's resources."""
-
-    @property
-    def fell_back(self) -> bool:
-        """True when the session did not get the first provider requested."""
-        wanted = self.requested_providers[:1]
-        return bool(wanted) and (not self.providers or self.providers[0] != wanted[0])
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """What an engine needs from the server config and the model's limits."""
-
-    providers: tuple[str, ...] = ("cpu",)
-    threads: int = 1
-    intra_op_spinning: str = DEFAULT_SPINNING
-    max_batch_size: int = 32
-    max_sequence_length: int = 512
-    tensorrt_fp16: bool = True
-    tensorrt_int8: bool = False
-    tensorrt_cache_dir: str | None = None
-    openvino_precision: str = "auto"
-
-    @classmethod
-    def from_config(cls, config: ServeConfig, max_sequence_length: int) -> EngineOptions:
-        """Take the engine-related fields of ``config``."""
-        return cls(
-            providers=tuple(config.providers),
-            threads=int(config.threads or 1),
-            intra_op_spinning=config.intra_op_spinning,
-            max_batch_size=config.max_batch_size,
-            max_sequence_length=max_sequence_length,
-            tensorrt_fp16=config.tensorrt_fp16,
-            tensorrt_int8=config.tensorrt_int8,
-            tensorrt_cache_dir=config.tensorrt_cache_dir,
-            openvino_precision=config.openvino_precision,
-        )
-
-
-class OnnxRuntimeEngine(Engine):
-    """An ONNX Runtime ``InferenceSession`` with a verified provider list.
-
-    Provider preference comes from the config (TensorRT -> CUDA -> CPU by convention).
-    Providers this build of onnxruntime lacks are dropped with a warning; after the session
-    exists, :meth:`providers` reports what ``session.get_providers()`` says, because ORT
-    silently falls back to CPU when a GPU provider fails to initialise.
-    """
-
-    name = "onnxruntime"
-
-    def __init__(self, model_path: str | Path, options: EngineOptions, input_names: Sequence[str]) -> None:
-        import onnxruntime as ort  # local: keeps `import pruneserve.server.runtime` cheap
-
-        available = set(ort.get_available_providers())
-        requested = [ORT_PROVIDERS[p] for p in options.providers]
-        usable = [p for p in requested if p in available]
-        missing = [p for p in requested if p not in available]
-        if missing:
-            logger.warning(
-                "execution providers %s are not in this onnxruntime build (available: %s); skipping them",
-                missing,
-                sorted(available),
-            )
-        if not usable:
-            logger.warning("none of the requested providers %s is available; using CPUExecutionProvider", requested)
-            usable = ["CPUExecutionProvider"]
-        # Keep the user's first choice as "requested" so a missing GPU build shows as a fallback.
-        self._requested = [requested[0], *[p for p in usable if p != requested[0]]]
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = options.threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
-        for key, value in spinning_entries(options.intra_op_spinning).items():
-            so.add_session_config_entry(key, value)
-
-        provider_args: list[str | tuple[str, dict[str, Any]]] = [
-            (p, self._provider_options(p, options, input_names)) for p in usable
-        ]
-        try:
-            self._session = ort.InferenceSession(str(model_path), sess_options=so, providers=provider_args)
-        except Exception as exc:  # ORT raises its own untyped errors for bad graphs
-            raise ModelLoadError(f"ONNX Runtime cannot load {Path(model_path).name}: {exc}") from None
-        self._providers = list(self._session.get_providers())
-        self._input_names = [i.name for i in self._session.get_inputs()]
-        self._output_names = [o.name for o in self._session.get_outputs()]
-        self._threads = options.threads
-        self._precision = "f32"
-        if self._providers[:1] == ["TensorrtExecutionProvider"]:
-            # TensorRT may run layers in any enabled lower precision.
-            self._precision = "int8" if options.tensorrt_int8 else "fp16" if options.tensorrt_fp16 else "f32"
-
-    @property
-    def precision(self) -> str:
-        return self._precision
-
-    @staticmethod
-    def _provider_options(provider: str, options: EngineOptions, input_names: Sequence[str]) -> dict[str, Any]:
-        if provider == "TensorrtExecutionProvider":
-            # One optimisation profile over the whole servable range, so TensorRT builds the
-            # engine once (and caches it) instead of rebuilding for every new shape.
-            def shapes(b: int, s: int) -> str:
-                return ",".join(f"{n}:{b}x{s}" for n in input_names)
-
-            opts: dict[str, Any] = {
-                "trt_fp16_enable": options.tensorrt_fp16,
-                "trt_int8_enable": options.tensorrt_int8,
-                "trt_profile_min_shapes": shapes(1, 1),
-                "trt_profile_opt_shapes": shapes(max(1, options.max_batch_size // 2), min(128, options.max_sequence_length)),
-                "trt_profile_max_shapes": shapes(options.max_batch_size, options.max_sequence_length),
-            }
-            if options.tensorrt_cache_dir:
-                Path(options.tensorrt_cache_dir).mkdir(parents=True, exist_ok=True)
-                opts.update(
-                    trt_engine_cache_enable=True,
-                    trt_engine_cache_path=options.tensorrt_cache_dir,
-                    trt_timing_cache_enable=True,
-                    trt_timing_cache_path=options.tensorrt_cache_dir,
-                )
-            return opts
-        if provider == "CUDAExecutionProvider":
-            return {"arena_extend_strategy": "kSameAsRequested"}
-        return {}
-
-    @property
-    def providers(self) -> list[str]:
-        return list(self._providers)
-
-    @property
-    def requested_providers(self) -> list[str]:
-        return list(self._requested)
-
-    @property
-    def input_names(self) -> list[str]:
-        """The graph's input names."""
-        return list(self._input_names)
-
-    @property
-    def output_names(self) -> list[str]:
-        """The graph's output names."""
-        return list(self._output_names)
-
-    def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        names = list(outputs) if outputs else self._output_names
-        values = self._session.run(names, {k: v for k, v in feeds.items() if k in self._input_names})
-        return dict(zip(names, values))
-
-    def describe(self) -> dict[str, str]:
-        info = super().describe()
-        import onnxruntime as ort
-
-        info.update(engine_version=ort.__version__, threads=str(self._threads), precision=self._precision)
-        return info
-
-    def close(self) -> None:
-        # InferenceSession frees its memory when the last reference goes.
-        self._session = None  # type: ignore[assignment]
-
-
-def _create_openvino_engine(model_path: str | Path, options: EngineOptions, input_names: Sequence[str]) -> Engine:
-    # Imported on use: the module imports this one, and openvino is an optional extra.
-    from pruneserve.server.engine_openvino import create_openvino_engine
-
-    return create_openvino_engine(model_path, options, input_names)
-
-
-#: Engine name -> factory ``(model_path, options, input_names) -> Engine``. A new runtime is
-#: one :class:`Engine` subclass added here; batching, metrics and transport are shared.
-ENGINES: dict[str, Callable[..., Engine]] = {
-    "onnxruntime": OnnxRuntimeEngine,
-    "openvino": _create_openvino_engine,  # server/engine_openvino.py
-}
-
-
 def resolve_engine_name(config_engine: str, manifest: Manifest) -> str:
     """The engine to use: the config's choice, or with ``auto`` the artifact's recommendation.
 
@@ -288,23 +57,21 @@ def resolve_engine_name(config_engine: str, manifest: Manifest) -> str:
     """
     if config_engine != "auto":
         return config_engine
-    recommended = str(manifest.runtime.get("engine", "onnxruntime"))
-    if recommended == "openvino":
-        import importlib.util
-
-        if importlib.util.find_spec("openvino") is None:
-            logger.warning("model %s recommends engine 'openvino', which is not installed; using onnxruntime", manifest.name)
-            return "onnxruntime"
-    return recommended if recommended in ENGINES else "onnxruntime"
+    recommended = str(manifest.runtime.get("engine", ONNXRUNTIME))
+    if recommended == OPENVINO and not openvino_available():
+        logger.warning("model %s recommends engine 'openvino', which is not installed; using onnxruntime", manifest.name)
+        return ONNXRUNTIME
+    return recommended if recommended in engines.ENGINES else ONNXRUNTIME
 
 
-def create_engine(name: str, model_path: str | Path, options: EngineOptions, input_names: Sequence[str]) -> Engine:
-    """Build the named engine; raises :class:`ModelLoadError` if it is unknown or fails."""
+def create_engine(
+    name: str, model_path: str | Path, options: EngineOptions, input_names: Sequence[str], manifest: Manifest | None = None
+) -> Engine:
+    """Build the named engine (:func:`pruneserve.engines.create_engine`); its load errors become :class:`ModelLoadError`."""
     try:
-        factory = ENGINES[name]
-    except KeyError:
-        raise ModelLoadError(f"engine {name!r} is unknown; use one of {sorted(ENGINES)}") from None
-    return factory(model_path, options, input_names)
+        return engines.create_engine(name, model_path, options, input_names, manifest)
+    except EngineLoadError as exc:
+        raise ModelLoadError(str(exc)) from None
 
 
 # =========================================================================================
@@ -533,6 +300,9 @@ class ModelRuntime:
     info: dict[str, str] = field(default_factory=dict)
     #: The unpruned reference graph, loaded only when shadow traffic is on.
     reference: Engine | None = None
+    #: Whether answers are independent of batch-mates on this engine, and how that is known
+    #: (set by :meth:`load`; None: the artifact's claim at the graph's own precision).
+    invariance: InvarianceFact | None = None
 
     @classmethod
     def load(cls, artifact: Artifact, config: ServeConfig) -> ModelRuntime:
@@ -547,7 +317,7 @@ class ModelRuntime:
                 )
             max_len = min(max_len, config.max_sequence_length)
         engine_name = resolve_engine_name(config.engine, m)
-        engine = create_engine(engine_name, artifact.model_path, EngineOptions.from_config(config, max_len), m.inputs)
+        engine = create_engine(engine_name, artifact.model_path, EngineOptions.from_config(config, max_len), m.inputs, m)
         graph_inputs = set(getattr(engine, "input_names", m.inputs))
         if graph_inputs != set(m.inputs):
             raise ModelLoadError(
@@ -560,6 +330,10 @@ class ModelRuntime:
             )
         processor = TextProcessor(artifact.tokenizer_path, max_len, config.truncate, "token_type_ids" in m.inputs)
         rt = cls(m.name, str(m.version), artifact, engine, processor, max_len)
+        # The fact for the engine and precision actually compiled, not the recommended one's.
+        rt.invariance = batch_invariance_fact(
+            m, engine, probe=config.probe_invariance, vocab_size=processor.vocab_size
+        )
         rt.info = rt._describe(engine)
         if config.shadow_rate > 0 and artifact.reference_path is not None:
             # CPU, one intra-op thread: ORT then computes on the calling thread (the shadow
@@ -567,7 +341,7 @@ class ModelRuntime:
             ref_options = dataclasses.replace(
                 EngineOptions.from_config(config, max_len), providers=("cpu",), threads=1, intra_op_spinning="off"
             )
-            rt.reference = OnnxRuntimeEngine(artifact.reference_path, ref_options, m.inputs)
+            rt.reference = create_engine(ONNXRUNTIME, artifact.reference_path, ref_options, m.inputs)
         elif config.shadow_rate > 0:
             logger.warning(
                 "model %s version %s has no reference model (manifest.reference_file); its live fidelity is not "
@@ -583,7 +357,14 @@ class ModelRuntime:
 
     @property
     def batch_invariant(self) -> bool:
-        """Whether answers are independent of batch-mates: the artifact says so and the engine keeps its precision."""
+        """Whether answers are independent of batch-mates on the engine and precision served.
+
+        The optimizer's measurement for :attr:`Engine.key <pruneserve.engines.Engine.key>`
+        when the manifest has one, else a probe at load (``probe_invariance``), else the
+        artifact's claim kept only at the graph's own precision (:attr:`invariance`).
+        """
+        if self.invariance is not None:
+            return self.invariance.invariant
         return bool(self.manifest.batch_invariant) and self.engine.exact
 
     @property
@@ -873,15 +654,12 @@ def assemble_feeds(encs: Sequence[Encoded], pad_id: int, input_names: Sequence[s
 
 
 __all__ = [
-    "ENGINES",
     "Encoded",
-    "Engine",
-    "EngineOptions",
     "ExecutionTimes",
     "ModelRuntime",
-    "OnnxRuntimeEngine",
     "Prepared",
     "TextProcessor",
     "assemble_feeds",
     "create_engine",
+    "resolve_engine_name",
 ]

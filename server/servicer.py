@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import struct
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -34,10 +32,15 @@ from pruneserve.server._proto import model_config_pb2 as mc
 from pruneserve.server.errors import InvalidArgumentError, ServerError, quote
 from pruneserve.server.interceptors import bind_request_id
 from pruneserve.server.metrics import UNKNOWN_MODEL
+# The tensor codec is shared with the HTTP transport; imported under the names this module used.
+from pruneserve.server.tensors import MAX_TENSOR_ELEMENTS, deserialize_bytes_tensor, serialize_bytes_tensor  # noqa: F401 - re-exported
+from pruneserve.server.tensors import decode_raw as _decode_raw
+from pruneserve.server.tensors import element_count as _element_count
+from pruneserve.server.tensors import raw_bytes as _raw_bytes
+from pruneserve.server.tensors import shape_text as _shape_text
 from pruneserve.server.types import (
     DATATYPE_TO_NUMPY,
     InferInput,
-    InferOutput,
     InferRequest,
     InferResponse,
     ModelConfigInfo,
@@ -67,69 +70,8 @@ CONTENTS_FIELD: dict[str, str] = {
     "BYTES": "bytes_contents",
 }
 _ALL_CONTENTS_FIELDS: tuple[str, ...] = tuple(sorted(set(CONTENTS_FIELD.values())))
-_LENGTH_PREFIX = struct.Struct("<I")
-#: Most elements one request tensor may declare (the product of its non-zero dimensions).
-#: A shape is a client's promise, checked against the contents before anything is sized by
-#: it; this bound keeps counts inside what numpy can index and turns absurd promises into
-#: INVALID_ARGUMENT rather than an allocation error. Real inputs are far smaller: the
-#: message itself is capped by ``max_message_bytes`` (at most 2**31 - 1 bytes).
-MAX_TENSOR_ELEMENTS = 2**31 - 1
 #: A client-supplied deadline beyond this is treated as none (grpc reports "infinite" as huge).
 _MAX_DEADLINE_S = 10 * 365 * 24 * 3600.0
-
-
-# --------------------------------------------------------------------------------------
-# BYTES raw encoding
-# --------------------------------------------------------------------------------------
-def serialize_bytes_tensor(items: Iterable[bytes]) -> bytes:
-    """Encode BYTES elements as length-prefixed (4-byte little-endian) records."""
-    parts: list[bytes] = []
-    for item in items:
-        parts.append(_LENGTH_PREFIX.pack(len(item)))
-        parts.append(item)
-    return b"".join(parts)
-
-
-def deserialize_bytes_tensor(buffer: bytes, count: int, name: str) -> np.ndarray:
-    """Decode exactly ``count`` length-prefixed BYTES elements; the buffer must end with the last.
-
-    Returns a 1-D object array of :class:`bytes`. Every length is checked against what is
-    left of the buffer before slicing, so a hostile length cannot make us read past it or
-    allocate more than the message already occupies.
-    """
-    # Every element needs at least its 4-byte length, so a buffer of n bytes holds at most
-    # n // 4 of them. Checked before the object array (8 bytes per declared element) is
-    # allocated, so a 4-byte message declaring 2**25 texts costs nothing.
-    if count > len(buffer) // _LENGTH_PREFIX.size:
-        raise InvalidArgumentError(
-            f"input {quote(name)}: raw BYTES contents end after {len(buffer)} bytes, room for at most "
-            f"{len(buffer) // _LENGTH_PREFIX.size} of the {count} elements the shape declares (each element "
-            "needs a 4-byte little-endian length followed by its bytes); make the shape match the contents"
-        )
-    out = np.empty(count, dtype=object)
-    view = memoryview(buffer)
-    offset, size = 0, len(buffer)
-    for i in range(count):
-        if size - offset < _LENGTH_PREFIX.size:
-            raise InvalidArgumentError(
-                f"input {quote(name)}: raw BYTES contents end after {i} of {count} elements; each element "
-                "needs a 4-byte little-endian length followed by its bytes"
-            )
-        (length,) = _LENGTH_PREFIX.unpack_from(view, offset)
-        offset += _LENGTH_PREFIX.size
-        if length > size - offset:
-            raise InvalidArgumentError(
-                f"input {quote(name)}: raw BYTES element {i} declares {length} bytes but only "
-                f"{size - offset} remain in the buffer"
-            )
-        out[i] = bytes(view[offset : offset + length])
-        offset += length
-    if offset != size:
-        raise InvalidArgumentError(
-            f"input {quote(name)}: raw BYTES contents hold {size - offset} bytes after the {count} elements "
-            "the shape declares; make the shape match the number of elements"
-        )
-    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -141,37 +83,6 @@ def _parameters(params: Mapping[str, pb.InferParameter]) -> dict[str, Any]:
         which = param.WhichOneof("parameter_choice")
         values[key] = getattr(param, which) if which else None
     return values
-
-
-def _element_count(name: str, shape: Iterable[int]) -> int:
-    """The number of elements ``shape`` declares, refusing shapes no request can honestly carry.
-
-    The bound applies to the product of the non-zero dimensions: a shape such as
-    ``[0, 2**63 - 1]`` declares no elements, but reshaping even an empty array to it fails,
-    so it is as unusable as a shape declaring that many elements.
-    """
-    dims = list(shape)
-    if any(d < 0 for d in dims):
-        raise InvalidArgumentError(
-            f"input {quote(name)} has shape {_shape_text(dims)}; every dimension of a request tensor must be >= 0"
-        )
-    # Python ints do not overflow, so the product is exact; it is compared with the bound
-    # before the caller sizes anything by it (the count later sizes arrays and reshapes).
-    nonzero = math.prod(d for d in dims if d)
-    if nonzero > MAX_TENSOR_ELEMENTS:
-        raise InvalidArgumentError(
-            f"input {quote(name)} has shape {_shape_text(dims)}, whose non-zero dimensions multiply to "
-            f"{nonzero}, over the limit of {MAX_TENSOR_ELEMENTS} elements per tensor; send a shape that "
-            "matches the contents"
-        )
-    return math.prod(dims)
-
-
-def _shape_text(dims: list[int], limit: int = 8) -> str:
-    """A shape for a message; a client may send thousands of dimensions, so long ones are cut."""
-    if len(dims) <= limit:
-        return str(dims)
-    return f"[{', '.join(map(str, dims[:limit]))}, … ({len(dims)} dimensions)]"
 
 
 def _decode_typed(tensor: pb.ModelInferRequest.InferInputTensor, dtype: np.dtype[Any], count: int) -> np.ndarray:
@@ -207,21 +118,6 @@ def _decode_typed(tensor: pb.ModelInferRequest.InferInputTensor, dtype: np.dtype
                 f"got range [{int(wide.min())}, {int(wide.max())}]"
             )
     return wide.astype(dtype, copy=False) if wide.size else np.empty(0, dtype=dtype)
-
-
-def _decode_raw(name: str, datatype: str, dtype: np.dtype[Any], count: int, raw: bytes) -> np.ndarray:
-    if datatype == "BYTES":
-        return deserialize_bytes_tensor(raw, count, name)
-    expected = count * dtype.itemsize
-    if len(raw) != expected:
-        raise InvalidArgumentError(
-            f"input {quote(name)}: raw contents are {len(raw)} bytes but {count} {datatype} elements need "
-            f"{expected} ({dtype.itemsize} bytes each, little-endian)"
-        )
-    if datatype == "BOOL":
-        return np.frombuffer(raw, dtype=np.uint8) != 0
-    # frombuffer views the (read-only) message bytes; the copy gives the data plane its own array.
-    return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype)
 
 
 def decode_infer_request(request: pb.ModelInferRequest) -> InferRequest:
@@ -273,13 +169,6 @@ def decode_infer_request(request: pb.ModelInferRequest) -> InferRequest:
 # --------------------------------------------------------------------------------------
 # domain -> proto
 # --------------------------------------------------------------------------------------
-def _raw_bytes(output: InferOutput) -> bytes:
-    if output.datatype == "BYTES":
-        return serialize_bytes_tensor(bytes(x) for x in output.data.ravel())
-    dtype = DATATYPE_TO_NUMPY[output.datatype]
-    return np.ascontiguousarray(output.data, dtype=dtype.newbyteorder("<")).tobytes()
-
-
 def encode_infer_response(response: InferResponse, *, raw: bool) -> pb.ModelInferResponse:
     """Convert an :class:`InferResponse`; ``raw`` selects ``raw_output_contents``."""
     # A response is all-raw or all-typed: raw_output_contents is indexed by output position.

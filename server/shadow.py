@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pruneserve.engines.measure import cosine_rows
 from pruneserve.outputs import check_capture_file
 from pruneserve.server.metrics import Metrics
 from pruneserve.server.runtime import TEXT_INPUT, ModelRuntime, Prepared
@@ -59,19 +60,6 @@ class Comparison:
     fidelity: np.ndarray
     agreed: np.ndarray | None = None
     logit_distance: np.ndarray | None = None
-
-
-def cosine_rows(served: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Cosine similarity of each row pair, in float64, clipped to [-1, 1].
-
-    Clipping keeps rounding (1 + 1e-16 for identical rows) inside the histogram's top bucket.
-    A zero row has cosine 0 with anything.
-    """
-    a = np.asarray(served, dtype=np.float64).reshape(len(served), -1)
-    b = np.asarray(reference, dtype=np.float64).reshape(a.shape)
-    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    cos = np.divide((a * b).sum(axis=1), den, out=np.zeros(len(a)), where=den > 0)
-    return np.clip(cos, -1.0, 1.0)
 
 
 def compare_logits(served: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -334,6 +322,5 @@ __all__ = [
     "ShadowJob",
     "compare",
     "compare_logits",
-    "cosine_rows",
     "request_texts",
 ]

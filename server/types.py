@@ -76,6 +76,8 @@ class InferResponse:
     version: str
     outputs: list[InferOutput]
     id: str = ""
+    #: Real (non-padding) tokens the server's tokenizer made of the request (OpenAI ``usage``).
+    tokens: int = 0
 
 
 @dataclass

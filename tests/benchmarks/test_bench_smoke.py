@@ -250,7 +250,7 @@ def test_artifact_runs_on_the_engine_its_manifest_recommends(tiny_artifact: Path
 @pytest.mark.parametrize("mode", ["off", "run", "always"])
 def test_triton_peer_session_spins_as_serve_does(tiny_artifact: Path, mode: str) -> None:
     """triton_peer.py keeps its own copy of the spinning entries (it runs in Triton's venv): they must match."""
-    from pruneserve.ort_options import spinning_entries
+    from pruneserve.engines.ort_settings import spinning_entries
 
     from benchmarks.triton_peer import ArtifactModel, parse_args
 

@@ -150,7 +150,7 @@ def test_constraints_pin_the_versions_this_suite_runs() -> None:
         if line and not line.startswith("#"):
             name, _, pinned = line.partition("==")
             pins[name.lower()] = pinned
-    for package in ("onnxruntime", "grpcio", "protobuf", "tokenizers", "numpy", "prometheus-client"):
+    for package in ("onnxruntime", "grpcio", "protobuf", "tokenizers", "numpy", "prometheus-client", "aiohttp"):
         assert pins[package] == version(package).split("+")[0], package
     assert pins["onnxruntime-gpu"] == pins["onnxruntime"]  # same graph optimizations on CPU and GPU
 

@@ -220,7 +220,7 @@ def test_prometheus_scrapes_the_server_and_evaluates_the_rules(tmp_path: Path, t
 
     serve_cmd = [
         sys.executable, "-m", "pruneserve.cli", "serve", str(tiny_artifact),
-        "--host", "127.0.0.1", "--grpc-port", str(grpc_port),
+        "--host", "127.0.0.1", "--grpc-port", str(grpc_port), "--http-port", "0",
         "--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port),
         "--threads", "1", "--max-queue-delay-ms", "1", "--grace-seconds", "5", "--shadow-rate", "1",
     ]  # fmt: skip

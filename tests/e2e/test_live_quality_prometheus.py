@@ -108,7 +108,7 @@ def server(tmp_path: Path) -> Iterator[tuple[Server, Path, Path]]:
     config.write_text(f"capture_path: {capture}\ncapture_max_bytes: 65536\ncapture_backups: 1\n", encoding="utf-8")
     cmd = [
         sys.executable, "-m", "pruneserve.cli", "serve", str(drifted), str(faithful), "--config", str(config),
-        "--shadow-rate", "1", "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-host", "127.0.0.1",
+        "--shadow-rate", "1", "--host", "127.0.0.1", "--grpc-port", "0", "--http-port", "0", "--metrics-host", "127.0.0.1",
         "--metrics-port", str(_free_port()), "--threads", "1", "--max-queue-delay-ms", "1", "--grace-seconds", "2",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)

@@ -9,19 +9,17 @@ import numpy as np
 import pytest
 from pruned_onnx import export_pruned, feeds, random_texts, torch_reference
 
+from pruneserve.engines.keys import ONNXRUNTIME, OPENVINO_BF16, OPENVINO_F32
+from pruneserve.engines.openvino import bf16_supported, openvino_runner
+from pruneserve.engines.ort import ort_runner
 from pruneserve.optimizer.engines import (
-    ONNXRUNTIME,
-    OPENVINO_BF16,
-    OPENVINO_F32,
     available_engines,
     best_engine,
-    bf16_supported,
     measure_engines,
-    openvino_runner,
     runtime_recommendation,
 )
 from pruneserve.optimizer.errors import ValidationError
-from pruneserve.optimizer.static_int8 import ort_runner, quantize_ort
+from pruneserve.optimizer.static_int8 import quantize_ort
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from pruneserve.cli import build_parser
+from pruneserve.engines.ort import inference_session
 from pruneserve.optimizer.adapters import load_model, tokenize
 from pruneserve.optimizer.checkpoint import load_pruned, save_pruned
 from pruneserve.optimizer.errors import ConfigError
-from pruneserve.optimizer.export import check_parity, export_onnx, make_session
+from pruneserve.optimizer.export import check_parity, export_onnx
 from pruneserve.optimizer.fusion import fuse
 
 TinyModelFactory = Callable[..., Path]
@@ -87,7 +88,7 @@ def test_cls_and_normalize_give_unit_norm_embeddings_equal_to_the_torch_referenc
     fused = fuse(exported, tmp_path / "fused.onnx", loaded.encoder.spec)
     assert fused.counts["Attention"] == 3 and fused.counts["EmbedLayerNormalization"] == 1
     for path in (exported, fused.path):
-        session = make_session(path)
+        session = inference_session(path)
         got = session.run(None, _feeds(batch, session))[0]
         np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
         np.testing.assert_allclose(got, expected, atol=1e-4)
@@ -105,7 +106,7 @@ def test_max_pooling_ignores_padding_in_the_exported_and_fused_graph(
     assert (padded["attention_mask"] == 0).any()  # the batch really is padded
     check_parity(loaded.encoder, fused.path, [padded], atol=1e-4)
     for path in (exported, fused.path):
-        session = make_session(path)
+        session = inference_session(path)
         together = session.run(None, _feeds(padded, session))[0]
         for row, text in enumerate(sample_texts):
             alone = session.run(None, _feeds(tokenize(loaded.tokenizer, [text], None, 64, True), session))[0]

@@ -11,9 +11,10 @@ import numpy as np
 import onnx
 import pytest
 
+from pruneserve.engines.ort import inference_session
 from pruneserve.optimizer.adapters import load_model, tokenize
 from pruneserve.optimizer.errors import ConfigError, QuantizationError
-from pruneserve.optimizer.export import export_onnx, make_session
+from pruneserve.optimizer.export import export_onnx
 from pruneserve.optimizer.fusion import fuse
 from pruneserve.optimizer.quantize import (
     FP16_KEEP_FP32_OPS,
@@ -46,12 +47,12 @@ def graphs(tiny_model_dir: TinyModelFactory, sample_texts: list[str], tmp_path_f
         {k: v.numpy() for k, v in tokenize(loaded.tokenizer, texts[i : i + 6], None, 64, True).items()}
         for i in range(0, len(texts), 6)
     ]
-    session = make_session(unfused)
+    session = inference_session(unfused)
     return Graphs(unfused, fused, feeds, [session.run(None, f)[0] for f in feeds])
 
 
 def _outputs(path: Path, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
-    session = make_session(path)
+    session = inference_session(path)
     return [session.run(None, f)[0] for f in feeds]
 
 
@@ -105,7 +106,7 @@ def test_static_result_does_not_depend_on_batch_mates(graphs: Graphs, tmp_path: 
     calibration = [{k: v[i : i + 1] for k, v in f.items()} for f in graphs.feeds for i in range(2)]
     result = quantize(graphs.fused, graphs.unfused, tmp_path / "q.onnx", QuantizeConfig(mode="static"),
                       calibration=calibration)
-    session = make_session(result.path)
+    session = inference_session(result.path)
     batch = graphs.feeds[0]
     together = session.run(None, batch)[0]
     length = int(batch["attention_mask"][0].sum())

@@ -13,21 +13,18 @@ import pytest
 from onnx import TensorProto, helper
 from pruned_onnx import export_pruned, feeds, random_texts, torch_reference
 
-from pruneserve.optimizer.engines import openvino_runner
+from pruneserve.engines.measure import batch_invariance, fidelity, split_items, stack_items
+from pruneserve.engines.openvino import openvino_runner
+from pruneserve.engines.ort import ort_runner
 from pruneserve.optimizer import static_int8
 from pruneserve.optimizer.errors import ConfigError, QuantizationError
 from pruneserve.optimizer.quantize import QuantizeConfig
 from pruneserve.optimizer.static_int8 import (
     NNCF_INSTALL,
     StaticInt8Config,
-    batch_invariance,
     check_static_method,
-    fidelity,
-    ort_runner,
     quantize_ort,
     quantize_static_int8,
-    split_items,
-    stack_items,
 )
 
 #: A text's answer alone vs batched, for graphs with fixed activation scales.

@@ -164,7 +164,8 @@ def test_report_blocks_name_the_data(setup: Setup) -> None:
 def test_latency_sessions_spin_as_the_server_does(setup: Setup) -> None:
     """The optimizer times (and chooses engines with) sessions set up like ``pruneserve serve``'s."""
     from pruneserve.server.config import ServeConfig
-    from pruneserve.server.runtime import EngineOptions, OnnxRuntimeEngine
+    from pruneserve.engines import EngineOptions
+    from pruneserve.engines.ort import OnnxRuntimeEngine
 
     measured = validate.make_session(setup.graph).get_session_options()
     engine = OnnxRuntimeEngine(setup.graph, EngineOptions.from_config(ServeConfig(), 64), ["input_ids"])

@@ -83,7 +83,7 @@ def test_serve_command_binds_the_flags_addresses(embedding_artifact: Path) -> No
     grpc_port, metrics_port = _free_port("127.0.0.2"), _free_port("127.0.0.3")
     cmd = [
         sys.executable, "-m", "pruneserve.cli", "serve", str(embedding_artifact), "--threads", "1",
-        "--host", "127.0.0.2", "--grpc-port", str(grpc_port),
+        "--host", "127.0.0.2", "--grpc-port", str(grpc_port), "--http-port", "0",
         "--metrics-host", "127.0.0.3", "--metrics-port", str(metrics_port), "--grace-seconds", "2",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -27,6 +27,7 @@ def serve_config(embedding_artifact: Path, classifier_artifact: Path) -> ServeCo
     return ServeConfig(
         artifacts=[str(embedding_artifact), str(classifier_artifact)],
         grpc_port=0,
+        http_port=0,
         metrics_port=0,
         host="127.0.0.1",
         metrics_host="127.0.0.1",

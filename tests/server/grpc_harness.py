@@ -35,6 +35,7 @@ def make_config(artifacts: list[Path], **overrides: Any) -> ServeConfig:
         "artifacts": [str(a) for a in artifacts],
         "host": "127.0.0.1",
         "grpc_port": 0,
+        "http_port": 0,
         "metrics_port": 0,
         "threads": 1,
         "workers": 1,

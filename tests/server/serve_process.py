@@ -21,7 +21,7 @@ class ServeProcess:
     def __init__(self, artifacts: list[Path], *flags: str) -> None:
         cmd = [
             sys.executable, "-m", "pruneserve.cli", "serve", *map(str, artifacts), "--host", "127.0.0.1",
-            "--grpc-port", "0", "--no-metrics", "--metrics-port", "0", "--threads", "1", *flags,
+            "--grpc-port", "0", "--http-port", "0", "--no-metrics", "--metrics-port", "0", "--threads", "1", *flags,
         ]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
         self.lines: list[str] = []

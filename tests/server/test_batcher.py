@@ -37,7 +37,7 @@ from pruneserve.server.errors import (
     UnavailableError,
 )
 from pruneserve.server.metrics import Metrics
-from pruneserve.server.runtime import Engine
+from pruneserve.engines import Engine
 
 
 def _config(*artifacts: Path, **kw: object) -> ServeConfig:
@@ -111,8 +111,8 @@ def test_full_queue_is_refused_at_once(embedding_artifact: Path, run_dataplane) 
 
     run_dataplane(_config(embedding_artifact, max_queue_size=2), scenario, metrics)
     get = metrics.registry.get_sample_value
-    assert get("pruneserve_requests_total", {"model": "tiny-embed", "version": "1", "outcome": "resource_exhausted"}) == 1
-    assert get("pruneserve_requests_total", {"model": "tiny-embed", "version": "1", "outcome": "success"}) == 3
+    assert get("pruneserve_requests_total", {"model": "tiny-embed", "version": "1", "protocol": "grpc", "outcome": "resource_exhausted"}) == 1
+    assert get("pruneserve_requests_total", {"model": "tiny-embed", "version": "1", "protocol": "grpc", "outcome": "success"}) == 3
 
 
 def test_expired_queued_work_is_dropped_not_computed(embedding_artifact: Path, run_dataplane) -> None:

@@ -63,8 +63,8 @@ def test_the_served_model_config_shows_them(artifact_factory: ArtifactFactory, c
     artifacts = [artifact_factory(name="cls-raw", pooling="cls", normalize=False),
                  artifact_factory(name="mean-unit"), artifact_factory(name="unrecorded", pooling=None),
                  classifier_artifact]
-    config = ServeConfig(artifacts=[str(a) for a in artifacts], grpc_port=0, metrics_port=0, host="127.0.0.1",
-                         metrics_host="127.0.0.1", threads=1, workers=1)
+    config = ServeConfig(artifacts=[str(a) for a in artifacts], grpc_port=0, http_port=0, metrics_port=0,
+                         host="127.0.0.1", metrics_host="127.0.0.1", threads=1, workers=1)
 
     async def scenario(dp: DataPlane) -> None:
         cls_raw = dp.model_config("cls-raw").parameters

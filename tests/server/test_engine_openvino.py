@@ -7,24 +7,26 @@ import builtins
 import json
 import subprocess
 import sys
+import dataclasses
 import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import openvino as ov
+import openvino  # noqa: F401 - the module needs the optional extra
 import pytest
 from tiny_artifacts import reference_forward, tokenize
 
 from pruneserve.artifact import load_artifact
-from pruneserve.server.engine_openvino import (
+from pruneserve.engines import EngineLoadError, EngineOptions
+from pruneserve.engines.openvino import (
     OpenVinoEngine,
     OpenVinoSettings,
+    bf16_supported,
     create_openvino_engine,
     resolve_precision,
 )
-from pruneserve.server.errors import ModelLoadError
-from pruneserve.server.runtime import EngineOptions, OnnxRuntimeEngine
+from pruneserve.engines.ort import OnnxRuntimeEngine
 
 TEXTS = ["hello world", "the quick brown fox jumps over the lazy dog", "cat", "a very long sentence about red cats and dogs"]
 
@@ -123,14 +125,17 @@ def test_precision_resolution_order() -> None:
     assert resolve_precision("bf16", bf16_supported=False) == "f32"
 
 
-def test_recorded_precision_is_read_from_the_manifest(artifact_factory: Any, tmp_path: Path) -> None:
+def test_recorded_precision_is_read_from_the_verified_manifest(artifact_factory: Any, tmp_path: Path) -> None:
     path = artifact_factory(task="embedding", name="ov-prec")
-    manifest = json.loads((path / "manifest.json").read_text())
-    manifest["runtime"] = {"engine": "openvino", "precision": "bf16"}
-    (path / "manifest.json").write_text(json.dumps(manifest))
-    engine = OpenVinoEngine(path / "model.onnx", EngineOptions(threads=1), ["input_ids", "attention_mask", "token_type_ids"])
-    core_caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-    assert engine.precision == ("bf16" if "BF16" in core_caps else "f32")
+    art = load_artifact(path)
+    manifest = dataclasses.replace(art.manifest, runtime={"engine": "openvino", "precision": "bf16"})
+    inputs = ["input_ids", "attention_mask", "token_type_ids"]
+    engine = OpenVinoEngine(art.model_path, EngineOptions(threads=1), inputs, manifest=manifest)
+    assert engine.precision == ("bf16" if bf16_supported() else "f32")
+    # The file on disk is not re-read: without the manifest object, auto means f32.
+    (path / "manifest.json").write_text(json.dumps({**json.loads((path / "manifest.json").read_text()),
+                                                    "runtime": {"engine": "openvino", "precision": "bf16"}}))
+    assert OpenVinoEngine(art.model_path, EngineOptions(threads=1), inputs).precision == "f32"
 
 
 def test_streams_and_threads_are_applied(embedding_artifact: Path) -> None:
@@ -147,9 +152,9 @@ def test_streams_and_threads_are_applied(embedding_artifact: Path) -> None:
 
 
 def test_settings_validation() -> None:
-    with pytest.raises(ModelLoadError, match="precision 'fp8'"):
+    with pytest.raises(EngineLoadError, match="precision 'fp8'"):
         OpenVinoSettings(precision="fp8")
-    with pytest.raises(ModelLoadError, match="streams 0"):
+    with pytest.raises(EngineLoadError, match="streams 0"):
         OpenVinoSettings(streams=0)
     assert OpenVinoSettings.from_options(EngineOptions(threads=3)).threads == 3
 
@@ -157,7 +162,7 @@ def test_settings_validation() -> None:
 def test_unreadable_model_is_a_model_load_error(tmp_path: Path) -> None:
     bad = tmp_path / "model.onnx"
     bad.write_bytes(b"not an onnx file")
-    with pytest.raises(ModelLoadError, match="OpenVINO cannot read model.onnx"):
+    with pytest.raises(EngineLoadError, match="OpenVINO cannot read model.onnx"):
         create_openvino_engine(bad, EngineOptions(), ["input_ids"])
 
 
@@ -174,7 +179,7 @@ def test_graph_with_onnxruntime_contrib_ops_names_the_op(tmp_path: Path) -> None
     )
     path = tmp_path / "model.onnx"
     path.write_bytes(model.SerializeToString())
-    with pytest.raises(ModelLoadError, match="QAttention") as err:
+    with pytest.raises(EngineLoadError, match="QAttention") as err:
         create_openvino_engine(path, EngineOptions(), ["input_ids"])
     assert "Exception from" not in str(err.value)
 
@@ -188,7 +193,7 @@ def test_missing_openvino_gives_install_hint(monkeypatch: pytest.MonkeyPatch, em
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", failing_import)
-    with pytest.raises(ModelLoadError) as err:
+    with pytest.raises(EngineLoadError) as err:
         create_openvino_engine(load_artifact(embedding_artifact).model_path, EngineOptions(), ["input_ids"])
     message = str(err.value)
     assert "pip install 'pruneserve[openvino]'" in message and "onnxruntime" in message
@@ -196,7 +201,7 @@ def test_missing_openvino_gives_install_hint(monkeypatch: pytest.MonkeyPatch, em
 
 def test_module_import_does_not_import_openvino_or_torch() -> None:
     code = (
-        "import sys, pruneserve.server.engine_openvino as m; "
+        "import sys, pruneserve.engines.openvino as m; "
         "print(int('openvino' in sys.modules), int('torch' in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()

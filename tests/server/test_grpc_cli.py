@@ -162,7 +162,7 @@ def test_metrics_and_exit_on_error_flags() -> None:
 
 def _serve_cmd(*argv: str) -> list[str]:
     return [
-        sys.executable, "-m", "pruneserve.cli", "serve", *argv, "--host", "127.0.0.1", "--grpc-port", "0",
+        sys.executable, "-m", "pruneserve.cli", "serve", *argv, "--host", "127.0.0.1", "--grpc-port", "0", "--http-port", "0",
         "--metrics-port", "0", "--threads", "1",
     ]  # fmt: skip
 

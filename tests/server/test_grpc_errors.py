@@ -116,7 +116,7 @@ def test_bad_requests_are_counted_in_metrics(server: ServerThread, stub: pb_grpc
     registry = server.server.dataplane.metrics.registry
 
     def count() -> float:
-        labels = {"model": "tiny-embed", "version": "", "outcome": "invalid_argument"}
+        labels = {"model": "tiny-embed", "version": "", "outcome": "invalid_argument", "protocol": "grpc"}
         return registry.get_sample_value("pruneserve_requests_total", labels) or 0.0
 
     before = count()

@@ -41,14 +41,16 @@ EXPECTED_FAMILIES = {
 
 def test_every_metric_has_its_contract_name_and_type() -> None:
     families = {m.name: m.type for m in Metrics().registry.collect()}
-    assert families == EXPECTED_FAMILIES
+    assert {k: v for k, v in families.items() if k.startswith("pruneserve_")} == EXPECTED_FAMILIES
+    # prometheus-client's own collectors ride on the same private registry and endpoint.
+    assert "python_info" in families and ("process_cpu_seconds" in families) == Path("/proc/self/stat").exists()
 
 
 def test_registries_are_private() -> None:
     a, b = Metrics(), Metrics()
     a.observe_request("m", "1", "success", 0.01)
-    assert a.registry.get_sample_value("pruneserve_requests_total", {"model": "m", "version": "1", "outcome": "success"}) == 1
-    assert b.registry.get_sample_value("pruneserve_requests_total", {"model": "m", "version": "1", "outcome": "success"}) is None
+    assert a.registry.get_sample_value("pruneserve_requests_total", {"model": "m", "version": "1", "outcome": "success", "protocol": "grpc"}) == 1
+    assert b.registry.get_sample_value("pruneserve_requests_total", {"model": "m", "version": "1", "outcome": "success", "protocol": "grpc"}) is None
 
 
 def test_duration_buckets_span_100us_to_10s() -> None:
@@ -98,11 +100,12 @@ def test_values_match_the_requests_made(embedding_artifact: Path, classifier_art
     stats = asyncio.run(main())
     get = metrics.registry.get_sample_value
     embed = {"model": "tiny-embed", "version": "1"}
-    assert get("pruneserve_requests_total", {**embed, "outcome": "success"}) == 5
-    assert get("pruneserve_requests_total", {**embed, "outcome": "invalid_argument"}) == 1
-    assert get("pruneserve_requests_total", {"model": UNKNOWN_MODEL, "version": "", "outcome": "not_found"}) == 1
-    assert get("pruneserve_requests_total", {"model": "tiny-cls", "version": "1", "outcome": "success"}) == 1
-    assert get("pruneserve_request_duration_seconds_count", embed) == 6
+    by_request = {**embed, "protocol": "grpc"}  # the request metrics also carry the protocol
+    assert get("pruneserve_requests_total", {**by_request, "outcome": "success"}) == 5
+    assert get("pruneserve_requests_total", {**by_request, "outcome": "invalid_argument"}) == 1
+    assert get("pruneserve_requests_total", {"model": UNKNOWN_MODEL, "version": "", "outcome": "not_found", "protocol": "grpc"}) == 1
+    assert get("pruneserve_requests_total", {"model": "tiny-cls", "version": "1", "outcome": "success", "protocol": "grpc"}) == 1
+    assert get("pruneserve_request_duration_seconds_count", by_request) == 6
     assert get("pruneserve_inferences_total", embed) == 2 + len(texts)
     assert get("pruneserve_executions_total", embed) == 2 == stats.execution_count
     assert get("pruneserve_batch_size_count", embed) == 2
@@ -130,5 +133,5 @@ def test_metrics_http_endpoint_serves_the_registry() -> None:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
-    assert 'pruneserve_requests_total{model="tiny",outcome="success",version="1"} 1.0' in body
+    assert 'pruneserve_requests_total{model="tiny",outcome="success",protocol="grpc",version="1"} 1.0' in body
     assert "pruneserve_request_duration_seconds_bucket" in body

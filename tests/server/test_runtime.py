@@ -9,11 +9,13 @@ import pytest
 from tiny_artifacts import LABELS, MAX_LEN, VOCAB, reference_forward, text_request, tokenize
 
 from pruneserve.artifact import load_artifact
+from pruneserve.engines import EngineOptions
+from pruneserve.engines.ort import OnnxRuntimeEngine
 from pruneserve.server.config import ServeConfig
 from pruneserve.server.errors import InvalidArgumentError, ModelLoadError
 from pruneserve.server.metrics import Metrics
 from pruneserve.server.repository import ModelRepository
-from pruneserve.server.runtime import EngineOptions, ModelRuntime, OnnxRuntimeEngine, Prepared, create_engine
+from pruneserve.server.runtime import ModelRuntime, Prepared, create_engine
 from pruneserve.server.types import InferInput, InferRequest
 
 TEXTS = ["hello world", "the quick brown fox jumps over the lazy dog", "cats", "very very fast red cars"]
@@ -217,7 +219,7 @@ def test_intra_op_spinning_reaches_the_session(embedding_artifact: Path, mode: s
 
 
 def test_unknown_spinning_mode_is_refused() -> None:
-    from pruneserve.ort_options import spinning_entries
+    from pruneserve.engines.ort_settings import spinning_entries
 
     with pytest.raises(ValueError, match=r"mode 'busy' is not one of \('off', 'run', 'always'\)"):
         spinning_entries("busy")

@@ -17,6 +17,15 @@ SERVER_MODULES = (
     "pruneserve.server.health",
     "pruneserve.server.dataplane",
     "pruneserve.server.protogen",
+    # The engine layer the server runs on (and the optimizer measures with).
+    "pruneserve.engines",
+    "pruneserve.engines.base",
+    "pruneserve.engines.keys",
+    "pruneserve.engines.measure",
+    "pruneserve.engines.facts",
+    "pruneserve.engines.ort",
+    "pruneserve.engines.ort_settings",
+    "pruneserve.engines.openvino",
 )
 FORBIDDEN = ("torch", "transformers")
 
@@ -41,7 +50,7 @@ from pruneserve.server.client import InferenceClient
 
 async def main():
     config = ServeConfig(
-        artifacts=[{str(embedding_artifact)!r}], host="127.0.0.1", grpc_port=0, metrics_port=0, threads=1
+        artifacts=[{str(embedding_artifact)!r}], host="127.0.0.1", grpc_port=0, http_port=0, metrics_port=0, threads=1
     )
     server, port = await create_server(config)
     def call():

@@ -20,11 +20,12 @@ import pytest
 from shadow_support import expected_fidelity, make_shadowed_artifact, served_and_reference
 from tiny_artifacts import VOCAB, GatedEngine, text_request, tokenize
 
+from pruneserve.engines.measure import cosine_rows
 from pruneserve.server.config import ServeConfig
 from pruneserve.server.dataplane import DataPlane
 from pruneserve.server.errors import ConfigError
 from pruneserve.server.metrics import FIDELITY_BUCKETS, Metrics
-from pruneserve.server.shadow import CaptureWriter, compare, compare_logits, cosine_rows
+from pruneserve.server.shadow import CaptureWriter, compare, compare_logits
 
 TEXTS = [
     "hello world",
@@ -174,7 +175,7 @@ def test_flood_drops_and_counts_shadow_work_while_requests_are_served(shadowed) 
                 assert dp.shadow.pending <= queue_size
             get = metrics.registry.get_sample_value
             assert get("pruneserve_shadow_comparisons_total", {**MV, "outcome": "dropped"}) == flood - queue_size
-            assert get("pruneserve_requests_total", {**MV, "outcome": "success"}) == flood + 1
+            assert get("pruneserve_requests_total", {**MV, "outcome": "success", "protocol": "grpc"}) == flood + 1
         finally:
             gated.gate.set()
         assert await asyncio.to_thread(dp.shadow.wait_idle, 30)
@@ -208,7 +209,7 @@ def test_reference_failures_are_counted_and_do_not_touch_serving(shadowed) -> No
     get = metrics.registry.get_sample_value
     assert get("pruneserve_shadow_comparisons_total", {**MV, "outcome": "failed"}) == 2
     assert get("pruneserve_shadow_comparisons_total", {**MV, "outcome": "compared"}) == 1
-    assert get("pruneserve_requests_total", {**MV, "outcome": "success"}) == 3
+    assert get("pruneserve_requests_total", {**MV, "outcome": "success", "protocol": "grpc"}) == 3
 
 
 def test_shutdown_drops_queued_shadow_work_without_waiting(shadowed) -> None:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import http.client
 import shutil
+import ssl
 import subprocess
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,3 +163,33 @@ def test_tls_config_errors_name_the_problem(pki: Pki, embedding_artifact: Path, 
     config = make_config([embedding_artifact], tls_cert=str(bad), tls_key=str(pki.server_key))
     with pytest.raises(ConfigError, match=r"tls_cert .* is not a PEM certificate"), serving(config):
         pass
+
+
+# -- HTTP: the same PEM files, the same guarantees ------------------------------------------
+def _https_ready(port: int, context: ssl.SSLContext | None, scheme: str = "https") -> int:
+    with urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/v2/health/ready", timeout=10, context=context) as resp:
+        return resp.status
+
+
+def _client_context(pki: Pki, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    if cert is not None:
+        context.load_cert_chain(str(cert), str(key))
+    return context
+
+
+def test_http_tls_serves_trusting_clients_and_refuses_plaintext(tls_server: ServerThread, pki: Pki) -> None:
+    port = tls_server.server.http_port
+    assert port and _https_ready(port, _client_context(pki)) == 200
+    with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+        _https_ready(port, None, scheme="http")  # plaintext to a TLS port: no HTTP answer
+    with pytest.raises((urllib.error.URLError, ssl.SSLError)):
+        _https_ready(port, ssl.create_default_context(cafile=str(pki.ca.parent / "rogue-ca.pem")))
+
+
+def test_http_mutual_tls_requires_a_client_certificate_from_the_ca(mtls_server: ServerThread, pki: Pki) -> None:
+    port = mtls_server.server.http_port
+    assert port and _https_ready(port, _client_context(pki, pki.client_cert, pki.client_key)) == 200
+    for context in (_client_context(pki), _client_context(pki, pki.rogue_cert, pki.rogue_key)):
+        with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+            _https_ready(port, context)

@@ -26,7 +26,7 @@ from pruneserve.artifact import Manifest, OutputSpec, write_artifact
 from pruneserve.server.config import ServeConfig
 from pruneserve.server.dataplane import DataPlane
 from pruneserve.server.metrics import Metrics
-from pruneserve.server.runtime import Engine
+from pruneserve.engines import Engine
 from pruneserve.server.types import InferInput, InferRequest
 
 WORDS = (
@@ -202,6 +202,10 @@ class ArtifactSpec:
     #: Recorded in the manifest of an embedding artifact (the graph mean-pools); None = an older
     #: manifest that records neither pooling nor normalisation.
     pooling: str | None = "mean"
+    #: ``manifest.runtime`` (None: ONNX Runtime on the CPU) and ``manifest.engines`` (the
+    #: optimizer's per-engine measurements; None: none recorded).
+    runtime: dict[str, Any] | None = None
+    engines: dict[str, Any] | None = None
 
 
 def make_artifact(out: Path, spec: ArtifactSpec | None = None, **overrides: Any) -> Path:
@@ -238,7 +242,8 @@ def make_artifact(out: Path, spec: ArtifactSpec | None = None, **overrides: Any)
         normalize=spec.normalize if spec.task == "embedding" and spec.pooling is not None else None,
         batch_invariant=spec.batch_invariant,
         reference_file="reference.onnx" if spec.with_reference else None,
-        runtime={"engine": "onnxruntime", "providers": ["CPUExecutionProvider"]},
+        runtime=spec.runtime or {"engine": "onnxruntime", "providers": ["CPUExecutionProvider"]},
+        engines=dict(spec.engines or {}),
         quantization={"mode": "none"},
         pruning={"kept_heads_per_layer": [4, 2], "heads_original_per_layer": 6},
     )

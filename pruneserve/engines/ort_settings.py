@@ -1,8 +1,9 @@
-"""ONNX Runtime session settings that the optimizer's measurements and the server share.
+"""ONNX Runtime's intra-op spinning modes: the settings the config validates, without importing onnxruntime.
 
 Latency the optimizer records (and chooses an engine by) must be measured the way
-``pruneserve serve`` runs the graph, so both build their sessions' spinning entries here.
-This module imports nothing heavy: the server and the optimizer both use it.
+``pruneserve serve`` runs the graph, so every session :mod:`pruneserve.engines.ort` builds
+takes its spinning entries here. This module imports nothing heavy: the server's config
+validates ``intra_op_spinning`` against it before any engine exists.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""OpenVINO engine: an artifact's ONNX graph compiled by ``openvino.Core`` for the CPU.
+"""OpenVINO: the one place that creates ``openvino.Core`` and compiles models, with its serving
+settings written once (:func:`serving_config`) for the server's engine, the optimizer's
+measurements and the benchmarks.
 
 Why a second engine: on x86 CPUs OpenVINO runs the same ``model.onnx`` as ONNX Runtime
 with its own kernels, reads ONNX QDQ (static INT8) natively, and can run the float parts in
@@ -11,16 +13,16 @@ its choice in ``manifest.runtime``. It cannot read ONNX Runtime's quantized cont
 
 Design points:
 
-* **Lazy import.** ``openvino`` is imported when an engine is created, never when this
+* **Lazy import.** ``openvino`` is imported when a model is compiled, never when this
   module is imported, so a server without the ``openvino`` extra still starts;
-  :func:`create_openvino_engine` turns the missing package into a
-  :class:`~pruneserve.server.errors.ModelLoadError` that says how to fix it. Falling back to
-  ONNX Runtime is the runtime's decision (``resolve_engine_name`` with ``engine: auto``), not
-  this module's: an explicit ``engine: openvino`` that cannot load must fail loudly.
+  :func:`create_openvino_engine` turns the missing package into an
+  :class:`~pruneserve.engines.base.EngineLoadError` that says how to fix it. Falling back to
+  ONNX Runtime is the server's decision (``engine: auto``), not this module's: an explicit
+  ``engine: openvino`` that cannot load must fail loudly.
 * **One compilation.** The graph's ``batch``/``sequence`` dimensions stay dynamic and the
   model is compiled once; the CPU plugin infers shapes per call instead of recompiling.
 * **Precision.** ``INFERENCE_PRECISION_HINT`` is chosen explicitly (:func:`resolve_precision`):
-  the configured value, else the artifact's recorded recommendation (``manifest.runtime`` /
+  the configured value, else the verified manifest's recommendation (``manifest.runtime`` /
   the measured ``manifest.engines`` entry), else f32. OpenVINO would otherwise pick bf16 by
   itself on CPUs with bf16 units, changing answers by ~1e-3 without the artifact having
   measured that precision against its quality floor.
@@ -34,27 +36,107 @@ Design points:
 
 from __future__ import annotations
 
-import json
+import functools
+import importlib.util
 import logging
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pruneserve.server.errors import ModelLoadError
-from pruneserve.server.runtime import Engine, EngineOptions
+from pruneserve.engines.base import Engine, EngineLoadError, EngineOptions
+from pruneserve.engines.keys import OPENVINO, OPENVINO_BF16, OPENVINO_PRECISIONS
+from pruneserve.engines.measure import Feeds, Runner
+
+if TYPE_CHECKING:
+    from pruneserve.artifact import Manifest
 
 logger = logging.getLogger(__name__)
 
 #: Engine name in the config and ``manifest.runtime["engine"]``.
-ENGINE_NAME = "openvino"
+ENGINE_NAME = OPENVINO
 #: Precision hints this engine accepts; ``auto`` = the artifact's recorded choice, else f32.
-PRECISIONS: tuple[str, ...] = ("auto", "f32", "bf16")
-#: Manifest file next to the model in an artifact folder (read for the recorded precision).
-_MANIFEST_FILE = "manifest.json"
+PRECISIONS: tuple[str, ...] = OPENVINO_PRECISIONS
+#: How to install the optional extra (named in every "not installed" error).
+INSTALL = "pip install 'pruneserve[openvino]'"
+
+
+def openvino_available() -> bool:
+    """Whether the ``openvino`` package can be imported (without importing it)."""
+    return importlib.util.find_spec("openvino") is not None
+
+
+@functools.cache
+def core() -> Any:
+    """The process's ``openvino.Core`` (one: it owns the loaded device plugins)."""
+    import openvino as ov
+
+    return ov.Core()
+
+
+def openvino_version() -> str:
+    """The installed OpenVINO's version string."""
+    import openvino as ov
+
+    return str(ov.__version__ if hasattr(ov, "__version__") else ov.get_version())
+
+
+def bf16_supported(device: str = "CPU") -> bool:
+    """Whether OpenVINO's ``device`` plugin has bf16 kernels here (else a bf16 hint silently runs f32)."""
+    if not openvino_available():
+        return False
+    return "BF16" in core().get_property(device, "OPTIMIZATION_CAPABILITIES")
+
+
+def serving_config(precision: str, threads: int = 0, streams: int = 1, device: str = "CPU") -> dict[str, Any]:
+    """The compile settings every served or measured OpenVINO model gets.
+
+    Precision hint explicit; one stream with the latency hint (each run is a whole batch, the
+    batcher provides throughput), several with the throughput hint; ``threads`` 0 = all cores;
+    run-time activation quantization off (it would make answers depend on batch-mates).
+    """
+    config: dict[str, Any] = {
+        "INFERENCE_PRECISION_HINT": precision,
+        "NUM_STREAMS": str(streams),
+        "PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT",
+    }
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    if "DYNAMIC_QUANTIZATION_GROUP_SIZE" in core().get_property(device, "SUPPORTED_PROPERTIES"):
+        config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = 0
+    return config
+
+
+def read_model(path: str | Path) -> Any:
+    """``openvino.Model`` read from an ONNX (or IR) file."""
+    return core().read_model(str(path))
+
+
+def compile_graph(model: Any, config: Mapping[str, Any], device: str = "CPU") -> Any:
+    """``model`` (an ``openvino.Model`` or a path) compiled for ``device`` with ``config``
+    (:func:`serving_config`, or a benchmark's deliberate variant such as OpenVINO's defaults)."""
+    source = str(model) if isinstance(model, (str, Path)) else model
+    return core().compile_model(source, device, dict(config))
+
+
+def compiled_runner(compiled: Any) -> Runner:
+    """A runner returning a compiled model's first output (a copy: the request reuses its buffers)."""
+    request = compiled.create_infer_request()
+    names = [p.get_any_name() for p in compiled.inputs]
+    first = compiled.outputs[0]
+
+    def run(feeds: Feeds) -> np.ndarray:
+        return np.array(request.infer({k: feeds[k] for k in names})[first], copy=True)
+
+    return run
+
+
+def openvino_runner(path: str | Path, threads: int = 1, precision: str = "f32") -> Runner:
+    """An OpenVINO CPU compilation of ``path`` with :func:`serving_config`, returning the first output."""
+    return compiled_runner(compile_graph(read_model(path), serving_config(precision, threads)))
 
 
 @dataclass(frozen=True)
@@ -75,42 +157,22 @@ class OpenVinoSettings:
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
-            raise ModelLoadError(f"openvino precision {self.precision!r} is not one of {PRECISIONS}; use 'auto' or 'f32'")
+            raise EngineLoadError(f"openvino precision {self.precision!r} is not one of {PRECISIONS}; use 'auto' or 'f32'")
         if not isinstance(self.threads, int) or self.threads < 0:
-            raise ModelLoadError(f"openvino threads {self.threads!r} must be an integer >= 0 (0 = all cores)")
+            raise EngineLoadError(f"openvino threads {self.threads!r} must be an integer >= 0 (0 = all cores)")
         if not isinstance(self.streams, int) or self.streams < 1:
-            raise ModelLoadError(f"openvino streams {self.streams!r} must be an integer >= 1 (e.g. 1 per worker)")
+            raise EngineLoadError(f"openvino streams {self.streams!r} must be an integer >= 1 (e.g. 1 per worker)")
         if not self.device:
-            raise ModelLoadError("openvino device is empty; use 'CPU'")
+            raise EngineLoadError("openvino device is empty; use 'CPU'")
 
     @classmethod
     def from_options(cls, options: EngineOptions) -> OpenVinoSettings:
-        """Take the settings from ``options``.
-
-        ``EngineOptions`` has no OpenVINO fields today; ``openvino_precision`` and
-        ``openvino_streams`` are read when present so the config can grow them without a
-        change here.
-        """
+        """Take the settings from ``options`` (``openvino_streams`` read when a config grows it)."""
         return cls(
-            precision=str(getattr(options, "openvino_precision", "auto") or "auto"),
+            precision=str(options.openvino_precision or "auto"),
             threads=int(options.threads or 0),
             streams=int(getattr(options, "openvino_streams", 1) or 1),
         )
-
-
-def _recorded_runtime(model_path: Path) -> tuple[dict[str, Any], dict[str, Any], float | None]:
-    """``runtime``, ``engines`` and ``quality_floor`` of the artifact holding ``model_path``, if any."""
-    manifest = model_path.parent / _MANIFEST_FILE
-    try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}, {}, None
-    if not isinstance(data, dict):
-        return {}, {}, None
-    runtime = data.get("runtime") if isinstance(data.get("runtime"), dict) else {}
-    engines = data.get("engines") if isinstance(data.get("engines"), dict) else {}
-    floor = data.get("quality_floor")
-    return runtime, engines, float(floor) if isinstance(floor, (int, float)) else None
 
 
 def resolve_precision(
@@ -137,7 +199,7 @@ def resolve_precision(
     elif runtime.get("engine") == ENGINE_NAME and runtime.get("precision") in ("f32", "bf16"):
         choice = str(runtime["precision"])
     else:
-        measured = engines.get(f"{ENGINE_NAME}-bf16")
+        measured = engines.get(OPENVINO_BF16)
         fidelity = measured.get("fidelity") if isinstance(measured, Mapping) else None
         if isinstance(fidelity, (int, float)) and quality_floor is not None and fidelity >= quality_floor:
             choice = "bf16"
@@ -156,6 +218,11 @@ class OpenVinoEngine(Engine):
             chooses kernels per device, not per provider).
         input_names: the manifest's inputs, checked against the graph's.
         settings: OpenVINO knobs; default from ``options``.
+        manifest: the verified manifest whose ``runtime`` / ``engines`` / ``quality_floor``
+            choose the precision under ``auto`` (None: f32 unless asked otherwise).
+
+    Raises:
+        EngineLoadError: device unavailable, graph unreadable or uncompilable, inputs missing.
     """
 
     name = ENGINE_NAME
@@ -166,54 +233,41 @@ class OpenVinoEngine(Engine):
         options: EngineOptions,
         input_names: Sequence[str],
         settings: OpenVinoSettings | None = None,
+        *,
+        manifest: Manifest | None = None,
     ) -> None:
-        import openvino as ov  # lazy: the package is an optional extra
-
         self._settings = settings or OpenVinoSettings.from_options(options)
         path = Path(model_path)
-        core = ov.Core()
         device = self._settings.device
-        if device not in core.available_devices:
-            raise ModelLoadError(
-                f"OpenVINO device {device!r} is not available here (available: {core.available_devices}); use 'CPU'"
+        ov_core = core()
+        if device not in ov_core.available_devices:
+            raise EngineLoadError(
+                f"OpenVINO device {device!r} is not available here (available: {ov_core.available_devices}); use 'CPU'"
             )
-        capabilities = set(core.get_property(device, "OPTIMIZATION_CAPABILITIES"))
-        runtime, engines, floor = _recorded_runtime(path)
         self._precision = resolve_precision(
             self._settings.precision,
-            bf16_supported="BF16" in capabilities,
-            runtime=runtime,
-            engines=engines,
-            quality_floor=floor,
+            bf16_supported=bf16_supported(device),
+            runtime=manifest.runtime if manifest is not None else None,
+            engines=manifest.engines if manifest is not None else None,
+            quality_floor=manifest.quality_floor if manifest is not None else None,
         )
         try:
-            model = core.read_model(str(path))
+            model = read_model(path)
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses with long C++ traces
-            raise ModelLoadError(f"OpenVINO cannot read {path.name}: {_openvino_message(exc)}") from None
+            raise EngineLoadError(f"OpenVINO cannot read {path.name}: {openvino_message(exc)}") from None
         self._input_names = [p.get_any_name() for p in model.inputs]
         self._output_names = [p.get_any_name() for p in model.outputs]
         missing = sorted(set(input_names) - set(self._input_names))
         if missing:
-            raise ModelLoadError(f"{path.name} lacks inputs {missing}; the graph has {self._input_names}")
-
-        config: dict[str, Any] = {
-            "INFERENCE_PRECISION_HINT": self._precision,
-            "NUM_STREAMS": str(self._settings.streams),
-            # One stream: each engine run is a whole batch, the batcher provides throughput.
-            # Several streams serve several batcher workers at once.
-            "PERFORMANCE_HINT": "LATENCY" if self._settings.streams == 1 else "THROUGHPUT",
-        }
-        if self._settings.threads:
-            config["INFERENCE_NUM_THREADS"] = self._settings.threads
-        if "DYNAMIC_QUANTIZATION_GROUP_SIZE" in core.get_property(device, "SUPPORTED_PROPERTIES"):
-            config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = 0
+            raise EngineLoadError(f"{path.name} lacks inputs {missing}; the graph has {self._input_names}")
+        config = serving_config(self._precision, self._settings.threads, self._settings.streams, device)
         try:
-            self._compiled = core.compile_model(model, device, config)
+            self._compiled = compile_graph(model, config, device)
         except Exception as exc:
-            raise ModelLoadError(f"OpenVINO cannot compile {path.name} for {device}: {_openvino_message(exc)}") from None
+            raise EngineLoadError(f"OpenVINO cannot compile {path.name} for {device}: {openvino_message(exc)}") from None
         self._ports = {p.get_any_name(): p for p in self._compiled.outputs}
         self._local = threading.local()
-        self._version = ov.__version__ if hasattr(ov, "__version__") else ov.get_version()
+        self._version = openvino_version()
         self._devices = list(self._compiled.get_property("EXECUTION_DEVICES"))
         self._streams = int(self._compiled.get_property("NUM_STREAMS"))
         logger.info(
@@ -276,7 +330,7 @@ class OpenVinoEngine(Engine):
         self._compiled = None  # type: ignore[assignment]
 
 
-def _openvino_message(exc: BaseException) -> str:
+def openvino_message(exc: BaseException) -> str:
     """The informative part of an OpenVINO error: its C++ source-location lines dropped."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     useful = [ln for ln in lines if not ln.startswith(("Exception from ", "Check '"))]
@@ -284,37 +338,42 @@ def _openvino_message(exc: BaseException) -> str:
     return (text[:400] + "...") if len(text) > 400 else (text or type(exc).__name__)
 
 
-def openvino_available() -> bool:
-    """Whether the ``openvino`` package can be imported (without importing it twice)."""
-    import importlib.util
-
-    return importlib.util.find_spec("openvino") is not None
-
-
-def create_openvino_engine(model_path: str | Path, options: EngineOptions, input_names: Sequence[str]) -> Engine:
-    """Factory for ``runtime.ENGINES["openvino"]``: an :class:`OpenVinoEngine`, or a clear error.
+def create_openvino_engine(
+    model_path: str | Path, options: EngineOptions, input_names: Sequence[str], manifest: Manifest | None = None
+) -> Engine:
+    """Factory for ``ENGINES["openvino"]``: an :class:`OpenVinoEngine`, or a clear error.
 
     Raises:
-        ModelLoadError: openvino is not installed (with the install command), or the graph
+        EngineLoadError: openvino is not installed (with the install command), or the graph
             cannot be read or compiled.
     """
     try:
         import openvino  # noqa: F401 - only checks that the optional extra is installed
     except ImportError as exc:
-        raise ModelLoadError(
+        raise EngineLoadError(
             f"engine 'openvino' needs the openvino package, which is not installed ({exc}); "
-            "install it with `pip install 'pruneserve[openvino]'`, or serve with engine 'onnxruntime' "
+            f"install it with `{INSTALL}`, or serve with engine 'onnxruntime' "
             "(engine 'auto' falls back to onnxruntime by itself)"
         ) from None
-    return OpenVinoEngine(model_path, options, input_names)
+    return OpenVinoEngine(model_path, options, input_names, manifest=manifest)
 
 
 __all__ = [
     "ENGINE_NAME",
+    "INSTALL",
     "PRECISIONS",
     "OpenVinoEngine",
     "OpenVinoSettings",
+    "bf16_supported",
+    "compile_graph",
+    "compiled_runner",
+    "core",
     "create_openvino_engine",
     "openvino_available",
+    "openvino_message",
+    "openvino_runner",
+    "openvino_version",
+    "read_model",
     "resolve_precision",
+    "serving_config",
 ]
