@@ -2,7 +2,7 @@
 # pruneserve gRPC server on CPU: slim Python, ONNX Runtime's CPU provider, no torch.
 #
 #   docker build -f deploy/docker/server-cpu.Dockerfile -t pruneserve-server:0.1.0-cpu .
-#   docker run --rm -p 8001:8001 -p 8002:8002 --read-only --tmpfs /tmp \
+#   docker run --rm -p 8000:8000 -p 8001:8001 -p 8002:8002 --read-only --tmpfs /tmp \
 #     -v "$PWD/artifacts/minilm:/models/minilm:ro" pruneserve-server:0.1.0-cpu serve /models/minilm
 #
 # Bake an artifact in instead of mounting it (target `server-baked`):
@@ -41,7 +41,7 @@ ENV PATH=/opt/pruneserve/bin:$PATH \
     TMPDIR=/tmp
 USER 10001:10001
 WORKDIR /tmp
-EXPOSE 8001 8002
+EXPOSE 8000 8001 8002
 ENTRYPOINT ["pruneserve"]
 CMD ["serve", "--help"]
 

@@ -5,7 +5,7 @@
 # links: CUDA 13, cuDNN 9, TensorRT 10. Hosts need an NVIDIA driver for CUDA 13 (r580+).
 #
 #   docker build -f deploy/docker/server-gpu.Dockerfile -t pruneserve-server:0.1.0-gpu .
-#   docker run --rm --gpus all -p 8001:8001 -p 8002:8002 --read-only --tmpfs /tmp \
+#   docker run --rm --gpus all -p 8000:8000 -p 8001:8001 -p 8002:8002 --read-only --tmpfs /tmp \
 #     -v "$PWD/artifacts/minilm:/models/minilm:ro" -v trt-cache:/var/cache/pruneserve/tensorrt \
 #     pruneserve-server:0.1.0-gpu serve /models/minilm --provider tensorrt,cuda,cpu
 ARG CUDA_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
@@ -47,7 +47,7 @@ ENV PATH=/opt/pruneserve/bin:$PATH \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 USER 10001:10001
 WORKDIR /tmp
-EXPOSE 8001 8002
+EXPOSE 8000 8001 8002
 ENTRYPOINT ["pruneserve"]
 CMD ["serve", "--help"]
 

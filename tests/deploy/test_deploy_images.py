@@ -117,7 +117,7 @@ def test_server_images_expose_the_configured_ports(name: str) -> None:
     instructions = _instructions(DOCKERFILES[name])
     exposed = {int(p) for word, rest in instructions if word == "EXPOSE" for p in rest.split()}
     defaults = ServeConfig()
-    assert exposed == {defaults.grpc_port, defaults.metrics_port}
+    assert exposed == {defaults.http_port, defaults.grpc_port, defaults.metrics_port}
     runs = " ".join(rest for word, rest in instructions if word == "RUN")
     flavor = name.split("-")[1]
     assert f"deploy/scripts/install-server.sh --venv /opt/pruneserve --flavor {flavor}" in runs

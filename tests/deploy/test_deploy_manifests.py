@@ -142,8 +142,10 @@ def test_server_config_loads_and_matches_ports_and_probes(overlay: str, tmp_path
     assert config.artifacts[0].startswith(artifacts_mount["mountPath"] + "/")
     defaults = ServeConfig()
     assert (config.grpc_port, config.metrics_port) == (defaults.grpc_port, defaults.metrics_port) == (8001, 8002)
+    # HTTP/REST (docs/http.md) is on, on Triton's default port, in the image's ServeConfig.
+    assert config.http and config.http_port == defaults.http_port == 8000
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": config.grpc_port, "metrics": config.metrics_port}
+    assert ports == {"http": config.http_port, "grpc": config.grpc_port, "metrics": config.metrics_port}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         grpc = container[probe]["grpc"]
         assert grpc["port"] == config.grpc_port
@@ -216,8 +218,12 @@ def test_services_select_the_pods_and_speak_grpc(overlay: str) -> None:
         grpc = next(p for p in svc["spec"]["ports"] if p["name"] == "grpc")
         assert grpc["appProtocol"] == "grpc"
         assert grpc["targetPort"] in container_ports
+        # The HTTP port reaches the container port the ServeConfig's http_port names.
+        http = next(p for p in svc["spec"]["ports"] if p["name"] == "http")
+        assert (http["port"], http["targetPort"], http["appProtocol"]) == (8000, "http", "http")
+        assert http["targetPort"] in container_ports
     assert headless["spec"]["clusterIP"] == "None"
-    assert {p["name"] for p in service["spec"]["ports"]} == {"grpc", "metrics"}
+    assert {p["name"] for p in service["spec"]["ports"]} == {"http", "grpc", "metrics"}
 
     pdb = one(objects, "PodDisruptionBudget", "pruneserve")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
