@@ -351,14 +351,19 @@ async def serve(config: ServeConfig) -> int:
         http_ssl_context(config)
     dataplane = DataPlane(config)
     await dataplane.start()
-    if not dataplane.model_names():
+    if not dataplane.model_names() and dataplane.expects_models:
         if config.exit_on_error:
             await dataplane.stop()  # nothing was accepted, so this returns at once
-            raise ModelLoadError(
-                f"no artifact could be loaded ({len(config.artifacts)} given, each refusal logged above); fix or "
-                "replace them, or pass --no-exit-on-error to stay up without models (not ready)"
+            where = f"{len(config.artifacts)} artifact(s) given" + (
+                f", model repository {config.model_repository}" if config.model_repository else ""
             )
-        logger.warning("no artifact could be loaded; staying up, not ready, until stopped (--no-exit-on-error)")
+            raise ModelLoadError(
+                f"no model could be loaded ({where}; each refusal logged above); fix or replace them, or pass "
+                "--no-exit-on-error to stay up without models (not ready)"
+            )
+        logger.warning("no model could be loaded; staying up, not ready (--no-exit-on-error)")
+    elif not dataplane.model_names():
+        logger.info("no model loaded yet (--model-control-mode explicit): load one with a repository load request")
     server, _ = await create_server(config, dataplane)
     try:
         server.start_metrics_endpoint()

@@ -58,6 +58,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         argument_default=argparse.SUPPRESS,
     )
     serve.add_argument("artifacts", nargs="*", metavar="ARTIFACT_DIR", help="artifact directories to serve")
+    serve.add_argument(
+        "--model-repository", metavar="DIR",
+        help="a folder of <model>/<version>/ artifact folders to serve (docs/model-control.md)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--model-control-mode", choices=["none", "explicit", "poll"],
+        help="none: load the repository at start; explicit: load/unload by request (--load-model at start); "
+             "poll: rescan the repository and roll new versions in without losing a request (default none)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--load-model", dest="load_models", action="append", metavar="NAME",
+        help="explicit mode: a repository model to load at start (repeatable; '*' = all)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--repository-poll-secs", type=float,
+        help=f"poll mode: seconds between rescans of the repository (default {default('repository_poll_secs')})",
+    )  # fmt: skip
+    serve.add_argument(
+        "--version-policy",
+        help=f"versions of each repository model to serve: latest:N | all | specific:1,3 (default {default('version_policy')})",
+    )  # fmt: skip
     serve.add_argument("--config", dest="config_file", metavar="YAML", help="read ServeConfig fields from a YAML file")
     serve.add_argument("--host", help=f"gRPC and HTTP listen address (default {default('host')})")
     serve.add_argument("--grpc-port", type=int, help=f"gRPC port, 0 = any free one (default {default('grpc_port')})")
@@ -265,8 +286,11 @@ def run_serve(args: argparse.Namespace) -> int:
     except ServerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if not config.artifacts:
-        print("error: give at least one ARTIFACT_DIR (or `artifacts:` in --config)", file=sys.stderr)
+    if not config.artifacts and not config.model_repository:
+        print(
+            "error: give at least one ARTIFACT_DIR, or --model-repository DIR (or `artifacts:` / `model_repository:` "
+            "in --config)", file=sys.stderr,
+        )
         return 2
     try:
         return asyncio.run(serve(config))

@@ -21,6 +21,7 @@ from pruneserve.engines.keys import OPENVINO_PRECISIONS
 from pruneserve.engines.ort_settings import DEFAULT_SPINNING, SPINNING_MODES
 from pruneserve.outputs import OutputError, check_capture_file
 from pruneserve.server.errors import ConfigError
+from pruneserve.server.versions import CONTROL_MODES, VersionPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,21 @@ class ServeConfig:
     """Everything ``pruneserve serve`` needs.
 
     Attributes:
-        artifacts: artifact directories to serve (each written by ``pruneserve optimize``).
+        artifacts: artifact directories to serve (each written by ``pruneserve optimize``), as
+            the version their manifest names; always loaded, never unloaded by model control.
+        model_repository: a folder of ``<model name>/<version>/`` artifact folders (versions
+            are positive integers; the folder name is the model's name, the version folder its
+            version). See ``docs/model-control.md``.
+        model_control_mode: Triton's modes. ``none``: load the repository's models at start,
+            refuse load/unload requests. ``explicit``: load ``load_models`` at start, then
+            what the repository load/unload requests say. ``poll``: as ``none``, and rescan
+            the repository every ``repository_poll_secs``: a new version is loaded, verified
+            and made ready before the version it replaces stops taking requests and drains.
+        load_models: model names ``explicit`` mode loads at start (``*`` = all).
+        repository_poll_secs: seconds between rescans in ``poll`` mode.
+        version_policy: which versions of each repository model to serve: ``latest:N`` (the
+            N highest that load; a version that fails verification is skipped, never replacing
+            a good one), ``all``, or ``specific:1,3``.
         host, grpc_port: where the gRPC server listens.
         http, http_port: serve KServe v2 / Triton HTTP/REST and the OpenAI-compatible routes
             on ``host:http_port`` (Triton's 8000; 0 = a free port, named in the log);
@@ -58,11 +73,11 @@ class ServeConfig:
         metrics_host, metrics_port: where Prometheus scrapes ``/metrics`` (port 0 = a free
             port, named in the log, as for ``grpc_port``).
         metrics: serve the Prometheus endpoint at all (``--no-metrics`` turns it off).
-        exit_on_error: exit non-zero at start when no artifact loads (each refusal logged on one
-            line), as Triton's ``--exit-on-error`` does. When some load, the refused ones are
-            logged and counted and the rest serve: one bad artifact never stops the others.
-            Off = stay up without models, not ready (health NOT_SERVING), until stopped; there is
-            no model-control API, so nothing loads later.
+        exit_on_error: exit non-zero at start when artifacts were asked for and none loads (each
+            refusal logged on one line), as Triton's ``--exit-on-error`` does. When some load,
+            the refused ones are logged and counted and the rest serve: one bad artifact never
+            stops the others. Off = stay up without models, not ready (health NOT_SERVING),
+            until stopped or until model control loads one.
         max_batch_size: most requests' items computed in one engine run.
         max_queue_delay_ms: how long the first queued item may wait for batch-mates while a
             batch of its model executes (and always, when ``dispatch_when_idle`` is off).
@@ -118,6 +133,11 @@ class ServeConfig:
     """
 
     artifacts: list[str] = field(default_factory=list)
+    model_repository: str | None = None
+    model_control_mode: str = "none"
+    load_models: list[str] = field(default_factory=list)
+    repository_poll_secs: float = 15.0
+    version_policy: str = "latest:1"
     host: str = "0.0.0.0"
     grpc_port: int = 8001
     metrics_host: str = "0.0.0.0"
@@ -161,6 +181,8 @@ class ServeConfig:
         if isinstance(self.artifacts, (str, os.PathLike)):
             self.artifacts = [str(self.artifacts)]
         self.artifacts = [str(a) for a in self.artifacts]
+        if isinstance(self.load_models, str):
+            self.load_models = [m.strip() for m in self.load_models.split(",") if m.strip()]
         if isinstance(self.providers, str):
             self.providers = [p.strip() for p in self.providers.split(",") if p.strip()]
         self.providers = [_provider_short_name(p) for p in self.providers]
@@ -173,6 +195,7 @@ class ServeConfig:
         for name in ("grpc_port", "metrics_port", "http_port"):
             _check_int(name, getattr(self, name), 0, 65535, "a TCP port, 0 = pick a free one")
         _check_float("http_read_timeout_s", self.http_read_timeout_s, 0.1, 3600.0)
+        self._validate_model_control()
         _check_int("max_batch_size", self.max_batch_size, 1, 4096, "e.g. 32")
         _check_int("max_queue_size", self.max_queue_size, 1, 10_000_000, "e.g. 1024")
         _check_int("threads", self.threads, 1, 1024, "intra-op threads per session, e.g. the core count")
@@ -246,6 +269,42 @@ class ServeConfig:
             value = getattr(self, name)
             if value and not Path(value).is_file():
                 raise ConfigError(f"{name} {value!r} is not a readable file; give the path of a PEM file")
+
+    def _validate_model_control(self) -> None:
+        if self.model_control_mode not in CONTROL_MODES:
+            raise ConfigError(
+                f"model_control_mode {self.model_control_mode!r} is not one of {CONTROL_MODES}; use 'none' "
+                "(load the repository at start), 'explicit' (load/unload requests) or 'poll' (rescan the repository)"
+            )
+        # Raises ConfigError naming the value and the forms; stored spelled out ("latest" -> "latest:1").
+        self.version_policy = str(VersionPolicy.parse(self.version_policy))
+        _check_float("repository_poll_secs", self.repository_poll_secs, 0.1, 86_400.0)
+        if not isinstance(self.load_models, list) or not all(isinstance(m, str) and m for m in self.load_models):
+            raise ConfigError(f"load_models {self.load_models!r} must be a list of model names, or ['*'] for all")
+        if self.model_repository is not None:
+            if not isinstance(self.model_repository, (str, os.PathLike)) or not str(self.model_repository).strip():
+                raise ConfigError(f"model_repository={self.model_repository!r} must be a folder path")
+            self.model_repository = str(self.model_repository)
+            if not Path(self.model_repository).is_dir():
+                raise ConfigError(
+                    f"model_repository {self.model_repository!r} is not a folder; create it or give the folder "
+                    "that holds <model>/<version>/ artifact folders"
+                )
+        elif self.model_control_mode != "none":
+            raise ConfigError(
+                f"model_control_mode {self.model_control_mode!r} needs model_repository (--model-repository DIR), "
+                "the folder it loads models from"
+            )
+        if self.load_models and self.model_control_mode != "explicit":
+            raise ConfigError(
+                f"load_models {self.load_models!r} applies only to model_control_mode 'explicit' (it is "
+                f"{self.model_control_mode!r}, which loads every repository model); drop it or use explicit"
+            )
+
+    @property
+    def policy(self) -> VersionPolicy:
+        """The parsed :attr:`version_policy`."""
+        return VersionPolicy.parse(self.version_policy)
 
     # -- (de)serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -28,6 +30,7 @@ from pruneserve.server.batcher import DynamicBatcher
 from pruneserve.server.config import ServeConfig
 from pruneserve.server.errors import DeadlineExceededError, ServerError, UnavailableError
 from pruneserve.server.metrics import UNKNOWN_MODEL, Metrics
+from pruneserve.server.model_control import ModelController
 from pruneserve.server.repository import LoadFailure, ModelRepository
 from pruneserve.server.runtime import ModelRuntime, Prepared
 from pruneserve.server.shadow import CaptureWriter, ShadowComparator, ShadowJob, request_texts
@@ -38,6 +41,7 @@ from pruneserve.server.types import (
     ModelConfigInfo,
     ModelMetadata,
     ModelStats,
+    RepositoryEntry,
 )
 
 logger = logging.getLogger(__name__)
@@ -50,7 +54,7 @@ _ANSWER_LATE = "the request's deadline passed before its answer was computed; ra
 PLATFORM = "onnxruntime_onnx"
 SERVER_NAME = "pruneserve"
 #: Protocol extensions the data plane implements (KServe v2 / Triton names).
-EXTENSIONS: tuple[str, ...] = ("model_configuration", "statistics")
+EXTENSIONS: tuple[str, ...] = ("model_configuration", "statistics", "model_repository")
 
 Key = tuple[str, str]
 #: Requests whose inputs hold at most this many bytes are validated and tokenized on the event
@@ -90,6 +94,8 @@ class DataPlane:
         self._stats: dict[Key, StatsRecorder] = {}
         self._workers: ThreadPoolExecutor | None = None
         self._prep: ThreadPoolExecutor | None = None
+        # Model loads and closes (seconds each) get their own thread: tokenization keeps its pool.
+        self._loader: ThreadPoolExecutor | None = None
         self._slots: asyncio.Semaphore | None = None
         self._started = False
         self._stopping = False
@@ -99,6 +105,10 @@ class DataPlane:
         self._active = 0
         self._no_active = asyncio.Event()
         self._no_active.set()
+        # The same per model version: a version being retired closes only once its count is 0.
+        self._admitted: dict[Key, int] = {}
+        self._version_idle: dict[Key, asyncio.Event] = {}
+        self.control = ModelController(self)
         self._shadow: ShadowComparator | None = None
         self._rng = random.Random()
         #: Requests prepared on the event loop because they were small (for introspection and tests).
@@ -113,16 +123,128 @@ class DataPlane:
         self._workers = ThreadPoolExecutor(self.config.workers, thread_name_prefix="pruneserve-engine")
         self._prep = ThreadPoolExecutor(min(4, max(1, self.config.threads or 1)), thread_name_prefix="pruneserve-prep")
         self._slots = asyncio.Semaphore(self.config.workers)
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="pruneserve-load")
         # Loading builds ONNX Runtime sessions (seconds for real models): keep the loop free.
-        await loop.run_in_executor(self._prep, self.repository.load_all, list(self.config.artifacts))
+        await loop.run_in_executor(self._loader, self.repository.load_all, list(self.config.artifacts))
         for rt in self.repository.runtimes():
             self._add_batcher(rt)
+        await self.control.start(set(self.repository.names()))
         self._start_shadow()
         self._started = True
         if not self._batchers:
-            logger.error("no model could be loaded from %d artifact(s); the server is not ready", len(self.config.artifacts))
+            logger.error(
+                "no model could be loaded (%d artifact(s)%s); the server is not ready", len(self.config.artifacts),
+                f", model repository {self.config.model_repository} in mode {self.config.model_control_mode}"
+                if self.config.model_repository else "",
+            )
         else:
             logger.info("serving %s", ", ".join(f"{n}:{v}" for n, v in sorted(self._batchers)))
+
+    @property
+    def expects_models(self) -> bool:
+        """Whether start was asked to load anything (explicit mode with no ``load_models`` is not)."""
+        explicit_empty = self.config.model_control_mode == "explicit" and not self.config.load_models
+        return bool(self.config.artifacts) or (self.config.model_repository is not None and not explicit_empty)
+
+    # -- model versions (used by model control) ---------------------------------------------
+    async def add_version(self, path: str | os.PathLike[str], name: str, version: str) -> ModelRuntime:
+        """Verify and load the artifact at ``path`` as ``name`` ``version`` off the event loop
+        (sha256 of every file, engine, tokenizer, a warm-up run), then make it ready.
+
+        Raises:
+            ModelLoadError: the artifact was refused (nothing is left open).
+            UnavailableError: the server began shutting down meanwhile.
+        """
+        assert self._loader is not None
+        loop = asyncio.get_running_loop()
+        opening = loop.run_in_executor(self._loader, lambda: self.repository.open(path, name=name, version=version))
+        try:
+            rt = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            # The load runs on in its thread (it cannot be interrupted): close what it opens.
+            opening.add_done_callback(_close_opened)
+            raise
+        if self._stopping:
+            await self._close_runtime(rt)
+            raise UnavailableError(f"the server is shutting down; model {name} version {version} was not started")
+        # Served and batched in one step of the loop: no request can find it without its batcher.
+        self.repository.add(rt)
+        self._add_batcher(rt)
+        logger.info("model %s version %s is ready", name, version)
+        return rt
+
+    async def retire_version(self, name: str, version: str) -> None:
+        """Stop taking requests for ``name`` ``version``, finish the ones it accepted, then close it.
+
+        Requests that name no version find the highest version still served from this call
+        on; the batcher runs what it holds without waiting for batch-mates, and it is closed
+        only once every request that found this version has been answered.
+        """
+        rt = self.repository.remove(name, version)  # from here on, new requests do not find it
+        key = (name, version)
+        self.metrics.set_model_ready(name, version, False)
+        batcher = self._batchers.get(key)
+        if batcher is not None:
+            batcher.flush()  # queued work runs at once: no waiting for batch-mates that will not come
+        idle = self._version_idle.get(key)
+        if idle is not None and not idle.is_set():
+            waited = time.monotonic()
+            while not idle.is_set():
+                try:
+                    await asyncio.wait_for(idle.wait(), timeout=max(self.config.grace_seconds, 1.0))
+                except asyncio.TimeoutError:
+                    logger.warning(
+                        "model %s version %s: %d accepted requests still running after %.1f s; still waiting for them",
+                        name, version, self._admitted.get(key, 0), time.monotonic() - waited,
+                    )
+        batcher = self._batchers.pop(key, None)
+        if batcher is not None:
+            await batcher.close(UnavailableError(f"model {name} version {version} was unloaded; retry"))
+        self._stats.pop(key, None)
+        self._admitted.pop(key, None)
+        self._version_idle.pop(key, None)
+        # pruneserve_model_info describes loaded versions only. (A Metrics method would be its home.)
+        try:
+            self.metrics.model_info.remove(name, version)
+        except KeyError:
+            pass
+        await self._close_runtime(rt)
+        logger.info("model %s version %s unloaded", name, version)
+
+    async def _close_runtime(self, rt: ModelRuntime) -> None:
+        # Closing releases sessions (can take a while): off the loop, unless shutdown has
+        # already shut the loader pool down.
+        try:
+            assert self._loader is not None
+            await asyncio.get_running_loop().run_in_executor(self._loader, rt.close)
+        except RuntimeError:
+            rt.close()
+
+    def _hold(self, key: Key) -> None:
+        self._admitted[key] = self._admitted.get(key, 0) + 1
+        event = self._version_idle.get(key)
+        if event is None:
+            event = self._version_idle[key] = asyncio.Event()
+        event.clear()
+
+    def _release(self, key: Key) -> None:
+        left = self._admitted.get(key, 0) - 1
+        self._admitted[key] = max(left, 0)
+        if left <= 0 and key in self._version_idle:
+            self._version_idle[key].set()
+
+    # -- the repository extension ----------------------------------------------------------
+    def repository_index(self, ready_only: bool = False) -> list[RepositoryEntry]:
+        """Every model version the server and its model repository know of, with its state."""
+        return self.control.index(ready_only)
+
+    async def load_model(self, name: str, parameters: Iterable[str] = ()) -> None:
+        """Load ``name`` from the model repository (``explicit`` mode); see :class:`ModelController`."""
+        await self.control.load(name, parameters)
+
+    async def unload_model(self, name: str, parameters: Iterable[str] = ()) -> None:
+        """Unload every version of ``name`` (``explicit`` mode); accepted requests finish first."""
+        await self.control.unload(name, parameters)
 
     def _add_batcher(self, rt: ModelRuntime) -> None:
         assert self._workers is not None and self._slots is not None
@@ -153,6 +275,7 @@ class DataPlane:
             return
         grace = self.config.grace_seconds if grace is None else grace
         self._stopping = True
+        await self.control.stop()
         for name, version in self._batchers:
             self.metrics.set_model_ready(name, version, False)
         batchers = list(self._batchers.values())
@@ -167,7 +290,7 @@ class DataPlane:
         if self._shadow is not None:
             # Shadow samples still queued are dropped: shutdown never waits for them.
             self._shadow.close(timeout=1.0)
-        for pool in (self._workers, self._prep):
+        for pool in (self._workers, self._prep, self._loader):
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
         self.repository.close()
@@ -181,7 +304,9 @@ class DataPlane:
 
     def ready(self) -> bool:
         """Started, not shutting down, and at least one model loaded and ready."""
-        return self._started and not self._stopping and bool(self._batchers)
+        # The repository, not the batchers: a version being retired keeps its batcher until
+        # drained, but is no longer served.
+        return self._started and not self._stopping and bool(self.repository.names())
 
     def model_ready(self, name: str, version: str = "") -> bool:
         """Whether ``name`` (at ``version``; ``""`` = latest) is loaded and accepting requests."""
@@ -284,6 +409,7 @@ class DataPlane:
         outcome = "internal"
         stats: StatsRecorder | None = None
         admitted = False
+        held: Key | None = None
         try:
             if not self._started or self._stopping:
                 if self.repository.has(request.model, request.version):  # label it as the model it was for
@@ -295,6 +421,8 @@ class DataPlane:
             self._no_active.clear()
             rt = self.repository.get(request.model, request.version)
             model, version = rt.name, rt.version
+            held = (model, version)
+            self._hold(held)  # before any await: a retiring version waits for this request
             stats = self._stats.get((model, version))
             batcher = self._batchers.get((model, version))
             if batcher is None or stats is None:  # pragma: no cover - loaded models always have one
@@ -329,6 +457,8 @@ class DataPlane:
             logger.exception("infer model=%s: unexpected error", request.model, extra={**extra, "outcome": outcome})
             raise ServerError("internal error; the server log has the details") from None
         finally:
+            if held is not None:
+                self._release(held)
             if admitted:
                 self._active -= 1
                 if self._active == 0:
@@ -423,6 +553,12 @@ class DataPlane:
             return
         texts = request_texts(request) if shadow.capturing else None
         shadow.submit(ShadowJob(rt, prepared, served, texts))
+
+
+def _close_opened(opening: asyncio.Future[ModelRuntime]) -> None:
+    """Close the runtime a load nobody waits for any more produced (if it produced one)."""
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().close()
 
 
 __all__ = ["DataPlane", "EXTENSIONS", "INLINE_PREPARE_MAX_BYTES", "PLATFORM", "request_payload_bytes"]

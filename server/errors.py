@@ -89,6 +89,7 @@ def quote(value: object, limit: int = MAX_QUOTED_CHARS) -> str:
 HTTP_STATUS: dict[str, int] = {
     "INVALID_ARGUMENT": 400,
     "NOT_FOUND": 404,
+    "FAILED_PRECONDITION": 400,
     "RESOURCE_EXHAUSTED": 429,
     "UNAVAILABLE": 503,
     "DEADLINE_EXCEEDED": 504,
@@ -145,6 +146,14 @@ class CancelledError(ServerError):
     reason = "cancelled"
 
 
+class FailedPreconditionError(ServerError):
+    """The request is well-formed but the server's mode forbids it (e.g. loading a model while
+    ``--model-control-mode`` is not ``explicit``)."""
+
+    code = "FAILED_PRECONDITION"
+    reason = "invalid_argument"
+
+
 class ModelLoadError(ServerError):
     """An artifact was refused at load time (bad manifest, wrong sha256, unloadable graph).
 
@@ -174,6 +183,7 @@ __all__ = [
     "CancelledError",
     "ConfigError",
     "DeadlineExceededError",
+    "FailedPreconditionError",
     "InvalidArgumentError",
     "ModelLoadError",
     "NotFoundError",

@@ -9,6 +9,8 @@ Routes (Triton's HTTP/REST protocol unless said otherwise):
     * ``GET /v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}[/versions/{v}]/ready``;
     * ``GET /v2`` (server metadata), ``/v2/models/{name}[/versions/{v}]`` (model metadata),
       ``.../config``, ``.../stats`` and ``/v2/models/stats``;
+    * ``POST /v2/repository/index``, ``/v2/repository/models/{name}/load`` and ``.../unload``
+      (the model repository extension; see docs/model-control.md);
     * ``POST /v2/models/{name}[/versions/{v}]/infer``: JSON tensors, or Triton's binary-tensor
       extension (an input's ``binary_data_size`` parameter; the JSON header's length in the
       ``Inference-Header-Content-Length`` header, the tensors' bytes after it; BYTES elements
@@ -56,6 +58,7 @@ from pruneserve.server.types import (
     ModelConfigInfo,
     ModelMetadata,
     ModelStats,
+    RepositoryEntry,
     StatDuration,
     TensorSpec,
 )
@@ -373,6 +376,16 @@ def model_stats_json(stats: ModelStats) -> dict[str, Any]:
     }
 
 
+def index_entry_json(entry: RepositoryEntry) -> dict[str, str]:
+    """One repository index entry as Triton writes it (``version`` only when there is one)."""
+    out = {"name": entry.name}
+    if entry.version:
+        out["version"] = entry.version
+    out["state"] = entry.state
+    out["reason"] = entry.reason
+    return out
+
+
 # --------------------------------------------------------------------------------------
 # OpenAI-compatible requests
 # --------------------------------------------------------------------------------------
@@ -446,6 +459,9 @@ class HttpTransport:
             router.add_get(base + "/config", self.model_config)
             router.add_get(base + "/stats", self.stats)
             router.add_post(base + "/infer", self.infer)
+        router.add_post("/v2/repository/index", self.repository_index)
+        router.add_post("/v2/repository/models/{name}/load", self.load_model)
+        router.add_post("/v2/repository/models/{name}/unload", self.unload_model)
         router.add_post("/v1/embeddings", self.embeddings)
         router.add_post("/v1/classify", self.classify)
         router.add_get("/v1/models", self.list_models)
@@ -597,6 +613,38 @@ class HttpTransport:
         stats = self._dataplane.model_statistics(request.match_info.get("name", ""), request.match_info.get("version", ""))
         return web.json_response({"model_stats": [model_stats_json(s) for s in stats]})
 
+    # -- the model repository extension ----------------------------------------------------
+    async def _optional_json(self, request: web.Request, route: str) -> dict[str, Any]:
+        # tritonclient sends an empty body to the index and "{}" to load: both mean no options.
+        body = await self._read_body(request)
+        if not body.strip():
+            return {}
+        payload = parse_json(body)
+        if not isinstance(payload, dict):
+            raise InvalidArgumentError(f"POST {route} takes a JSON object (or an empty body)")
+        return payload
+
+    async def repository_index(self, request: web.Request) -> web.Response:
+        """``POST /v2/repository/index``: every model version and its state (``{"ready": true}``: ready ones only)."""
+        payload = await self._optional_json(request, "/v2/repository/index")
+        ready = payload.get("ready", False)
+        if not isinstance(ready, bool):
+            raise InvalidArgumentError(f"'ready' must be true or false, got {quote(ready)}")
+        entries = self._dataplane.repository_index(ready_only=ready)
+        return web.json_response([index_entry_json(e) for e in entries])
+
+    async def load_model(self, request: web.Request) -> web.Response:
+        """``POST /v2/repository/models/{name}/load`` (``--model-control-mode explicit``)."""
+        payload = await self._optional_json(request, "/v2/repository/models/{name}/load")
+        await self._dataplane.load_model(request.match_info["name"], list(_parameters(payload, "the load request")))
+        return web.Response(status=200)
+
+    async def unload_model(self, request: web.Request) -> web.Response:
+        """``POST /v2/repository/models/{name}/unload``: accepted requests finish first."""
+        payload = await self._optional_json(request, "/v2/repository/models/{name}/unload")
+        await self._dataplane.unload_model(request.match_info["name"], list(_parameters(payload, "the unload request")))
+        return web.Response(status=200)
+
     # -- inference -------------------------------------------------------------------------
     async def infer(self, request: web.Request) -> web.Response:
         t0 = time.monotonic()
@@ -715,6 +763,7 @@ __all__ = [
     "HttpTransport",
     "decode_infer_json",
     "encode_infer_json",
+    "index_entry_json",
     "model_config_json",
     "model_metadata_json",
     "model_stats_json",

@@ -70,7 +70,20 @@ class ModelRepository:
 
     # -- loading ---------------------------------------------------------------------------
     def load(self, path: str | os.PathLike[str]) -> ModelRuntime:
-        """Verify and load one artifact; raises :class:`ModelLoadError` naming the problem."""
+        """Verify, load and serve one artifact as its manifest's name and version.
+
+        Raises :class:`ModelLoadError` naming the problem.
+        """
+        return self.add(self.open(path))
+
+    def open(
+        self, path: str | os.PathLike[str], *, name: str | None = None, version: str | None = None
+    ) -> ModelRuntime:
+        """Verify an artifact, build its engine and tokenizer and warm it up, without serving it.
+
+        ``name``/``version`` override the manifest's (a model repository's folder names).
+        Raises :class:`ModelLoadError` naming the problem; nothing is left open then.
+        """
         try:
             artifact = load_artifact(path, verify=True)
         except ArtifactError as exc:
@@ -85,16 +98,11 @@ class ModelRepository:
             cause = ManifestError(f"unexpected {type(exc).__name__} while reading the manifest: {exc}")
             cause.__cause__ = exc
             raise ModelLoadError(f"artifact {os.fspath(path)} refused: {cause}") from cause
-        name, version = artifact.manifest.name, str(artifact.manifest.version)
-        with self._lock:
-            if version in self._models.get(name, {}):
-                other = self._models[name][version].artifact.path
-                raise ModelLoadError(
-                    f"artifact {os.fspath(path)} refused: model {name!r} version {version} is already "
-                    f"served from {other}; give one of them another name or version"
-                )
+        name = name or artifact.manifest.name
+        version = version or str(artifact.manifest.version)
+        self._check_free(path, name, version)
         try:
-            runtime = ModelRuntime.load(artifact, self._config)
+            runtime = ModelRuntime.load(artifact, self._config, name=name, version=version)
         except ModelLoadError:
             raise
         except Exception as exc:  # a graph or tokenizer that passed sha256 but still cannot load
@@ -109,10 +117,41 @@ class ModelRepository:
         except BaseException:
             runtime.close()
             raise
+        return runtime
+
+    def add(self, runtime: ModelRuntime) -> ModelRuntime:
+        """Serve an opened runtime: lookups find it from now on. Raises :class:`ModelLoadError`
+        (and closes it) when its name and version are taken meanwhile."""
+        try:
+            self._check_free(runtime.artifact.path, runtime.name, runtime.version)
+        except ModelLoadError:
+            runtime.close()
+            raise
         with self._lock:
-            self._models.setdefault(name, {})[version] = runtime
+            self._models.setdefault(runtime.name, {})[runtime.version] = runtime
         self._publish(runtime)
         return runtime
+
+    def remove(self, name: str, version: str) -> ModelRuntime:
+        """Stop serving ``name`` at ``version`` (lookups no longer find it); the caller closes it
+        once its accepted requests are done. Raises :class:`NotFoundError`."""
+        with self._lock:
+            versions = self._models.get(name, {})
+            if version not in versions:
+                raise NotFoundError(f"model {name!r} has no loaded version {version!r}")
+            runtime = versions.pop(version)
+            if not versions:
+                del self._models[name]
+        return runtime
+
+    def _check_free(self, path: str | os.PathLike[str], name: str, version: str) -> None:
+        with self._lock:
+            if version in self._models.get(name, {}):
+                other = self._models[name][version].artifact.path
+                raise ModelLoadError(
+                    f"artifact {os.fspath(path)} refused: model {name!r} version {version} is already "
+                    f"served from {other}; give one of them another name or version"
+                )
 
     def load_all(self, paths: Iterable[str | os.PathLike[str]]) -> list[LoadFailure]:
         """Load every artifact; refused ones are logged, counted and returned, the rest serve.
@@ -126,17 +165,22 @@ class ModelRepository:
             try:
                 self.load(path)
             except Exception as exc:
-                if not isinstance(exc, ModelLoadError):  # load() should have wrapped it: a bug, so the traceback
-                    logger.error("loading artifact %s raised %s", path, type(exc).__name__, exc_info=True)
-                    exc = ModelLoadError(f"artifact {os.fspath(path)} cannot be loaded: {type(exc).__name__}: {exc}")
-                cause = exc.__cause__ if exc.__cause__ is not None else exc
-                failure = LoadFailure(os.fspath(path), _failure_reason(cause), str(exc))
-                failures.append(failure)
-                logger.error("model load failed (%s): %s", failure.reason, failure.message)
-                if self._metrics is not None:
-                    self._metrics.record_load_failure(failure.reason)
-        self.failures.extend(failures)
+                failures.append(self.record_failure(path, exc))
         return failures
+
+    def record_failure(self, path: str | os.PathLike[str], exc: BaseException) -> LoadFailure:
+        """Log and count an artifact that was refused (once per call), and remember it."""
+        if not isinstance(exc, ModelLoadError):  # open() should have wrapped it: a bug, so the traceback
+            logger.error("loading artifact %s raised %s", path, type(exc).__name__, exc_info=exc)
+            exc = ModelLoadError(f"artifact {os.fspath(path)} cannot be loaded: {type(exc).__name__}: {exc}")
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
+        failure = LoadFailure(os.fspath(path), _failure_reason(cause), str(exc))
+        logger.error("model load failed (%s): %s", failure.reason, failure.message)
+        if self._metrics is not None:
+            self._metrics.record_load_failure(failure.reason)
+        with self._lock:
+            self.failures.append(failure)
+        return failure
 
     def _publish(self, rt: ModelRuntime) -> None:
         engine = rt.engine

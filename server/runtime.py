@@ -305,8 +305,14 @@ class ModelRuntime:
     invariance: InvarianceFact | None = None
 
     @classmethod
-    def load(cls, artifact: Artifact, config: ServeConfig) -> ModelRuntime:
-        """Create the engine and tokenizer of a verified artifact."""
+    def load(
+        cls, artifact: Artifact, config: ServeConfig, *, name: str | None = None, version: str | None = None
+    ) -> ModelRuntime:
+        """Create the engine and tokenizer of a verified artifact.
+
+        ``name`` and ``version`` override the manifest's (a model repository's folder names
+        are the model's name and version, whatever the manifest says).
+        """
         m = artifact.manifest
         max_len = m.max_sequence_length
         if config.max_sequence_length is not None:
@@ -329,7 +335,7 @@ class ModelRuntime:
                 f"model {m.name}: the manifest's outputs {m.output_names} are not all in the graph ({sorted(graph_outputs)})"
             )
         processor = TextProcessor(artifact.tokenizer_path, max_len, config.truncate, "token_type_ids" in m.inputs)
-        rt = cls(m.name, str(m.version), artifact, engine, processor, max_len)
+        rt = cls(name or m.name, version or str(m.version), artifact, engine, processor, max_len)
         # The fact for the engine and precision actually compiled, not the recommended one's.
         rt.invariance = batch_invariance_fact(
             m, engine, probe=config.probe_invariance, vocab_size=processor.vocab_size

@@ -46,6 +46,7 @@ from pruneserve.server.types import (
     ModelConfigInfo,
     ModelMetadata,
     ModelStats,
+    RepositoryEntry,
     StatDuration,
 )
 
@@ -257,6 +258,13 @@ def encode_model_stats(stats: ModelStats) -> pb.ModelStatistics:
     return message
 
 
+def encode_index_entry(entry: RepositoryEntry) -> pb.RepositoryIndexResponse.ModelIndex:
+    """Convert one :class:`RepositoryEntry` into Triton's ``RepositoryIndexResponse.ModelIndex``."""
+    return pb.RepositoryIndexResponse.ModelIndex(
+        name=entry.name, version=entry.version, state=entry.state, reason=entry.reason
+    )
+
+
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     """The RPC's deadline on the ``time.monotonic`` clock, or None when the client set none."""
     remaining = context.time_remaining()
@@ -315,6 +323,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelStatisticsResponse:
         stats = self._dataplane.model_statistics(request.name, request.version)
         return pb.ModelStatisticsResponse(model_stats=[encode_model_stats(s) for s in stats])
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        entries = self._dataplane.repository_index(ready_only=request.ready)
+        return pb.RepositoryIndexResponse(models=[encode_index_entry(e) for e in entries])
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        await self._dataplane.load_model(request.model_name, list(request.parameters))
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        await self._dataplane.unload_model(request.model_name, list(request.parameters))
+        return pb.RepositoryModelUnloadResponse()
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
@@ -424,6 +450,7 @@ __all__ = [
     "InferenceServicer",
     "decode_infer_request",
     "deserialize_bytes_tensor",
+    "encode_index_entry",
     "encode_infer_response",
     "encode_model_config",
     "encode_model_metadata",

@@ -191,3 +191,22 @@ class ModelStats:
     @property
     def queue_ns(self) -> int:
         return self.queue.ns
+
+
+#: Model version states in the repository index (Triton's names).
+READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
+
+
+@dataclass(frozen=True)
+class RepositoryEntry:
+    """One row of the repository index (Triton's ``RepositoryIndexResponse.ModelIndex``).
+
+    ``version`` is empty for a model that has no version loaded (e.g. unloaded); ``reason``
+    says why a version is not ready (its load error, ``unloaded``, ``not selected by the
+    version policy``).
+    """
+
+    name: str
+    version: str
+    state: str
+    reason: str = ""

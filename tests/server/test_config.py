@@ -93,3 +93,60 @@ def test_switches_are_booleans(field: str) -> None:
     assert getattr(ServeConfig(), field) is True
     with pytest.raises(ConfigError, match=f"{field} must be true or false"):
         ServeConfig(**{field: "no"})  # type: ignore[arg-type]
+
+
+# -- model control ---------------------------------------------------------------------------
+def test_model_control_defaults_and_yaml(tmp_path: Path) -> None:
+    c = ServeConfig(artifacts=["a"])
+    assert (c.model_repository, c.model_control_mode, c.load_models) == (None, "none", [])
+    assert (c.repository_poll_secs, c.version_policy) == (15.0, "latest:1")
+    p = tmp_path / "serve.yaml"
+    p.write_text(
+        f"model-repository: {tmp_path}\nmodel_control_mode: explicit\nload_models: [a, b]\n"
+        "repository_poll_secs: 2.5\nversion_policy: 'specific:3,1'\n"
+    )
+    c = ServeConfig.from_yaml(p)
+    assert (c.model_repository, c.model_control_mode, c.load_models) == (str(tmp_path), "explicit", ["a", "b"])
+    assert c.repository_poll_secs == 2.5 and c.version_policy == "specific:1,3"
+    assert c.policy.kind == "specific" and c.policy.versions == (1, 3)
+    assert ServeConfig.from_dict(c.to_dict()) == c
+
+
+@pytest.mark.parametrize(
+    ("text", "normalised"), [("latest", "latest:1"), ("latest:3", "latest:3"), ("ALL", "all"), ("specific:2, 1", "specific:1,2")]
+)
+def test_version_policy_forms(tmp_path: Path, text: str, normalised: str) -> None:
+    assert ServeConfig(model_repository=str(tmp_path), version_policy=text).version_policy == normalised
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"model_control_mode": "auto"}, r"model_control_mode 'auto' is not one of \('none', 'explicit', 'poll'\)"),
+        ({"model_control_mode": "explicit"}, r"model_control_mode 'explicit' needs model_repository \(--model-repository DIR\)"),
+        ({"model_control_mode": "poll"}, r"needs model_repository"),
+        ({"version_policy": "latest:0"}, r"version_policy 'latest:0' is invalid; use 'latest:N'"),
+        ({"version_policy": "specific:"}, r"version_policy 'specific:' is invalid"),
+        ({"version_policy": "specific:0,2"}, r"version_policy 'specific:0,2' is invalid"),
+        ({"version_policy": "newest"}, r"version_policy 'newest' is invalid"),
+        ({"repository_poll_secs": 0.0}, r"repository_poll_secs=0.0 is invalid: expected a number in \[0.1, 86400.0\]"),
+        ({"load_models": ["a"]}, r"load_models \['a'\] applies only to model_control_mode 'explicit'"),
+        ({"model_repository": "/nonexistent/models"}, r"model_repository '/nonexistent/models' is not a folder"),
+    ],
+)
+def test_model_control_values_are_named(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ServeConfig(**overrides)  # type: ignore[arg-type]
+
+
+def test_model_control_flags_reach_the_config(tmp_path: Path) -> None:
+    from pruneserve.cli import build_parser
+    from pruneserve.server.cli import config_from_args
+
+    args = build_parser().parse_args(
+        ["serve", "--model-repository", str(tmp_path), "--model-control-mode", "explicit", "--load-model", "a",
+         "--load-model", "*", "--version-policy", "all", "--repository-poll-secs", "3"]
+    )  # fmt: skip
+    c = config_from_args(args)
+    assert (c.model_repository, c.model_control_mode, c.load_models) == (str(tmp_path), "explicit", ["a", "*"])
+    assert (c.version_policy, c.repository_poll_secs, c.artifacts) == ("all", 3.0, [])

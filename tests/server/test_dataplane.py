@@ -37,7 +37,7 @@ def test_health_and_lifecycle(serve_config: ServeConfig) -> None:
 def test_metadata_and_config(serve_config: ServeConfig, run_dataplane) -> None:
     async def scenario(dp: DataPlane) -> None:
         meta = dp.server_metadata()
-        assert meta == {"name": "pruneserve", "version": __version__, "extensions": ["model_configuration", "statistics"]}
+        assert meta == {"name": "pruneserve", "version": __version__, "extensions": ["model_configuration", "statistics", "model_repository"]}
         assert dp.model_names() == ["tiny-cls", "tiny-embed"]
 
         m = dp.model_metadata("tiny-cls")

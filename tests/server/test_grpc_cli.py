@@ -174,7 +174,7 @@ def test_serve_exits_when_no_artifact_loads(tmp_path: Path) -> None:
     assert proc.returncode == 1, proc.stderr
     failed = [line for line in proc.stderr.splitlines() if "model load failed" in line]
     assert len(failed) == 2 and str(missing) in failed[0] and str(empty) in failed[1], proc.stderr
-    assert "no artifact could be loaded" in proc.stderr and "--no-exit-on-error" in proc.stderr
+    assert "no model could be loaded" in proc.stderr and "--no-exit-on-error" in proc.stderr
     assert "gRPC listening" not in proc.stderr and "Traceback" not in proc.stderr
 
 

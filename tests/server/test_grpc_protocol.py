@@ -7,6 +7,9 @@ cardinality (we declare a subset), and every RPC must have the same path and typ
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 from tritonclient.grpc import model_config_pb2 as triton_mc
 from tritonclient.grpc import service_pb2 as triton_pb
@@ -62,7 +65,9 @@ def test_rpcs_match_triton() -> None:
     theirs = triton_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     assert ours.full_name == theirs.full_name == "inference.GRPCInferenceService"
     core = {"ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer"}
-    assert core | {"ModelStreamInfer", "ModelConfig", "ModelStatistics"} == {m.name for m in ours.methods}
+    extensions = {"ModelStreamInfer", "ModelConfig", "ModelStatistics"}
+    repository = {"RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"}
+    assert core | extensions | repository == {m.name for m in ours.methods}
     for method in ours.methods:
         other = theirs.methods_by_name[method.name]
         assert (method.input_type.full_name, method.output_type.full_name) == (
@@ -70,6 +75,28 @@ def test_rpcs_match_triton() -> None:
             other.output_type.full_name,
         )
         assert (method.client_streaming, method.server_streaming) == (other.client_streaming, other.server_streaming)
+
+
+@pytest.mark.parametrize(
+    "message",
+    ["RepositoryIndexRequest", "RepositoryIndexResponse.ModelIndex", "RepositoryModelLoadRequest",
+     "RepositoryModelUnloadRequest", "ModelRepositoryParameter"],
+)  # fmt: skip
+def test_repository_messages_have_tritons_fields(message: str) -> None:
+    def fields(module: Any) -> dict[str, tuple[int, int]]:
+        descriptor = module.DESCRIPTOR.message_types_by_name[message.split(".")[0]]
+        for nested in message.split(".")[1:]:
+            descriptor = descriptor.nested_types_by_name[nested]
+        return {f.name: (f.number, f.type) for f in descriptor.fields}
+
+    assert fields(pb) == fields(triton_pb)
+
+
+def test_a_load_request_round_trips_through_tritons_messages() -> None:
+    request = pb.RepositoryModelLoadRequest(model_name="m")
+    request.parameters["config"].string_param = "{}"
+    theirs = triton_pb.RepositoryModelLoadRequest.FromString(request.SerializeToString())
+    assert theirs.model_name == "m" and theirs.parameters["config"].string_param == "{}"
 
 
 def test_a_request_round_trips_through_tritons_messages() -> None:
