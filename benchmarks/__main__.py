@@ -17,7 +17,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import BENCHMARKS, DEFAULT_RESULTS, REPO_ROOT, BenchConfig, BenchmarkError, machine_info
+from benchmarks._common import (
+    BENCHMARKS,
+    DEFAULT_RESULTS,
+    PROTOCOLS,
+    REPO_ROOT,
+    BenchConfig,
+    BenchmarkError,
+    machine_info,
+)
 from pruneserve.outputs import mark_output_dir
 
 logger = logging.getLogger("benchmarks")
@@ -35,6 +43,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--artifact", action="append", default=[], metavar="LABEL=DIR",
         help="benchmark this prebuilt artifact instead of building the presets (repeatable)",
+    )  # fmt: skip
+    p.add_argument(
+        "--protocols", default=",".join(PROTOCOLS),
+        help=f"comma-separated protocols the server benchmark drives each server over (default {','.join(PROTOCOLS)})",
     )  # fmt: skip
     p.add_argument("--markdown", type=Path, default=REPO_ROOT / "BENCHMARKS.md", help="report to refresh")
     p.add_argument("--no-markdown", action="store_true", help="write results only, leave BENCHMARKS.md alone")
@@ -69,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             model_dir=args.model_dir,
             artifacts=_artifacts(args.artifact),
             command=command,
+            protocols=tuple(s.strip() for s in args.protocols.split(",") if s.strip()),
         )
     except BenchmarkError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -118,9 +131,13 @@ def run(cfg: BenchConfig, markdown: Path | None) -> int:
         sections["scaling"] = _guard("scaling", failed, lambda: _scaling(cfg, get_artifacts(), markdown))
     if markdown is not None:
         if partial:
-            stamp = f"_Measured in a separate run: `{cfg.command}`, {info.get('date')}, same machine._\n\n"
+            flags = ", ".join(info.get("cpu_flags") or []) or "unknown flags"
+            stamp = (
+                f"_Measured in a separate run: `{cfg.command}`, {info.get('date')}, on {info.get('cpu')}, "
+                f"{info.get('cores')} cores ({flags})._\n\n"
+            )
             sections = {name: stamp + body for name, body in sections.items()}
-        tables.update_markdown(markdown, sections)
+        tables.update_markdown(markdown, sections, info["cpu_class"], info["cpu_class_title"])
         logger.info("updated %s", markdown)
     logger.info("results in %s", cfg.out_dir)
     if failed:

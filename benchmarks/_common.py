@@ -61,6 +61,16 @@ class BenchmarkError(Exception):
 #: Every benchmark ``python -m benchmarks`` runs (``--only`` picks some; all = a full report).
 BENCHMARKS: tuple[str, ...] = ("model", "server", "shadow", "optimizer", "scaling")
 
+#: The protocols the server benchmark drives each server over (perf_analyzer's ``-i``).
+PROTOCOLS: tuple[str, ...] = ("grpc", "http")
+
+#: The SIMD extensions the engines' kernels pick between (INT8 dot products, bf16, AMX): what
+#: makes two machines' figures comparable or not, so every report names those present.
+CPU_FLAGS: tuple[str, ...] = (
+    "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+    "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16",
+)  # fmt: skip
+
 
 @dataclass
 class BenchConfig:
@@ -83,6 +93,8 @@ class BenchConfig:
     artifact_cache: Path | None = None
     #: The exact command line, for the report.
     command: str = ""
+    #: The server benchmark's protocols, each measured against every server (``--protocols``).
+    protocols: tuple[str, ...] = PROTOCOLS
 
     def __post_init__(self) -> None:
         if self.mode not in ("quick", "full"):
@@ -95,6 +107,18 @@ class BenchConfig:
         unknown_presets = sorted(set(self.presets) - set(PRESETS))
         if unknown_presets:
             raise BenchmarkError(f"presets {unknown_presets} unknown; choose from {list(PRESETS)}")
+        self.protocols = tuple(self.protocols)
+        unknown_protocols = sorted(set(self.protocols) - set(PROTOCOLS))
+        if unknown_protocols:
+            raise BenchmarkError(
+                f"--protocols {','.join(unknown_protocols)} is not a protocol perf_analyzer drives here; "
+                f"choose from {','.join(PROTOCOLS)} (e.g. --protocols {','.join(PROTOCOLS)})"
+            )
+        if not self.protocols or len(set(self.protocols)) != len(self.protocols):
+            raise BenchmarkError(
+                f"--protocols {','.join(self.protocols) or '(empty)'} must name at least one protocol, each "
+                f"once (e.g. --protocols {','.join(PROTOCOLS)})"
+            )
         self.out_dir = Path(self.out_dir)
         # Results are updated in place, so only a new or empty folder or one this harness wrote.
         try:
@@ -281,8 +305,42 @@ def _fmt(v: Any) -> Any:
     return v
 
 
+def cpu_flags() -> list[str]:
+    """Which of :data:`CPU_FLAGS` this CPU has, from ``/proc/cpuinfo`` (empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    present: set[str] = set()
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "flags":
+            present.update(value.split())
+    return [f for f in CPU_FLAGS if f in present]
+
+
+#: CPU classes, fastest first: (key, the flags that define it, title). BENCHMARKS.md keeps one
+#: section per class measured, since the INT8 and bf16 kernels that win differ between them.
+CPU_CLASSES: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("amx", ("amx_int8", "amx_bf16"), "AMX CPUs (amx_int8, amx_bf16)"),
+    ("avx512-vnni-bf16", ("avx512_vnni", "avx512_bf16"), "AVX-512 VNNI + bf16 CPUs (avx512_vnni, avx512_bf16)"),
+    ("avx512-vnni", ("avx512_vnni",), "AVX-512 VNNI CPUs (avx512_vnni, no bf16)"),
+    ("avx2", ("avx2",), "AVX2-only CPUs (no VNNI)"),
+)
+GENERIC_CPU_CLASS = ("generic", "CPUs without AVX2")
+
+
+def cpu_class(flags: Sequence[str]) -> tuple[str, str]:
+    """``(key, title)`` of the first of :data:`CPU_CLASSES` whose flags are all in ``flags``."""
+    present = set(flags)
+    for key, needs, title in CPU_CLASSES:
+        if present.issuperset(needs):
+            return key, title
+    return GENERIC_CPU_CLASS
+
+
 def machine_info(command: str) -> dict[str, Any]:
-    """Machine, date, package versions and the exact command, for every report."""
+    """Machine, CPU flags, date, package versions and the exact command, for every report."""
     model_name = platform.processor() or platform.machine()
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
@@ -291,6 +349,7 @@ def machine_info(command: str) -> dict[str, Any]:
                 model_name = line.split(":", 1)[1].strip()
     except (OSError, subprocess.SubprocessError):
         pass
+    flags = cpu_flags()
     versions: dict[str, str] = {}
     for pkg in PACKAGES:
         try:
@@ -299,6 +358,9 @@ def machine_info(command: str) -> dict[str, Any]:
             continue
     return {
         "cpu": model_name,
+        "cpu_flags": flags,
+        "cpu_class": cpu_class(flags)[0],
+        "cpu_class_title": cpu_class(flags)[1],
         "cores": os.cpu_count(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "python": platform.python_version(),

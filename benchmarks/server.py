@@ -1,4 +1,4 @@
-"""Server-level benchmark: ``perf_analyzer`` over gRPC against pruneserve and Triton, plus the ceiling.
+"""Server-level benchmark: ``perf_analyzer`` over gRPC and HTTP against pruneserve and Triton, plus the ceiling.
 
 Three things serve the same artifact (same ONNX Runtime session options, same tokenizer, same
 thread count, same batching limits):
@@ -14,9 +14,15 @@ thread count, same batching limits):
 
 Triton's ``perf_analyzer`` (from the ``tritonclient==2.50.0`` wheel, set up by
 ``setup_perf_analyzer.sh``) drives both servers with real texts (``--input-data`` JSON) at
-each concurrency. Throughput, p50 and p99 come from perf_analyzer; the mean batch size comes
-from each server's own Prometheus counters (inferences / executions). Everything binds to
-127.0.0.1, every load is bounded in time, and every server started here is stopped here.
+each concurrency, over each protocol of ``--protocols``: gRPC (``-i grpc``) and KServe v2
+HTTP/REST (``-i http``, Triton's binary-tensor extension; pruneserve's ``serve --http-port``,
+Triton's own HTTP endpoint). Every server is started once and stays up, idle, while the others
+are measured; each concurrency's loads (every server over every protocol) run back to back in
+an order that rotates from one concurrency to the next, so the ratios between servers and
+between protocols compare one moment's machine. Throughput, p50 and p99 come from
+perf_analyzer; the mean batch size comes from each server's own Prometheus counters
+(inferences / executions). Everything binds to 127.0.0.1, every load is bounded in time, and
+every server started here is stopped here.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +55,7 @@ from benchmarks._common import (
     PEERS_DIR,
     REPO_ROOT,
     BenchConfig,
+    PROTOCOLS,
     BenchmarkError,
     load_corpus,
     median,
@@ -97,6 +104,13 @@ class ServerProcess:
     metrics_port: int
     model: str
     log: Path
+    http_port: int
+
+    def url(self, protocol: str) -> str:
+        """``host:port`` of the endpoint serving ``protocol`` (perf_analyzer's ``-u``)."""
+        if protocol not in PROTOCOLS:
+            raise BenchmarkError(f"protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
+        return f"127.0.0.1:{self.grpc_port if protocol == 'grpc' else self.http_port}"
 
 
 # -- tools -------------------------------------------------------------------------------
@@ -165,7 +179,21 @@ def _libdir_of(python: str) -> str:
     return out.stdout.strip()
 
 
+def _http_ready(server: ServerProcess) -> bool:
+    """Whether the server's HTTP endpoint answers 200 to KServe v2's server and model readiness."""
+    base = f"http://{server.url('http')}/v2"
+    for path in ("/health/ready", f"/models/{server.model}/ready"):
+        try:
+            with urllib.request.urlopen(base + path, timeout=5) as resp:
+                if resp.status != 200:
+                    return False
+        except OSError:  # not listening yet, or 503 (HTTPError is an OSError)
+            return False
+    return True
+
+
 def _wait_ready(server: ServerProcess, timeout: float) -> None:
+    """Wait until the server and its model are ready over gRPC and over HTTP, both of which are measured."""
     import tritonclient.grpc as grpcclient
 
     deadline = time.monotonic() + timeout
@@ -178,7 +206,7 @@ def _wait_ready(server: ServerProcess, timeout: float) -> None:
                     f"log: {server.log}\n{_tail(server.log)}"
                 )
             try:
-                if client.is_server_ready() and client.is_model_ready(server.model):
+                if client.is_server_ready() and client.is_model_ready(server.model) and _http_ready(server):
                     return
             except Exception:  # noqa: BLE001 - not listening yet
                 pass
@@ -227,6 +255,9 @@ def serving(
 ) -> Iterator[ServerProcess]:
     """Start ``kind`` ('pruneserve' or 'triton') on free 127.0.0.1 ports; always stop it afterwards.
 
+    Both serve gRPC and HTTP/REST (pruneserve with ``serve --http-port``, Triton on its own
+    HTTP endpoint), each on its own port; it is ready when both answer that the model is.
+
     ``extra_args`` are appended to ``pruneserve serve`` (e.g. ``--shadow-rate 0.01``) or to
     ``triton_peer.py`` (e.g. ``--intra-op-spinning always``). ``floor`` ('engine' or
     'transport') starts pruneserve through ``floor_server.py`` with that part taken away.
@@ -254,7 +285,7 @@ def serving(
         raise BenchmarkError(f"floor {floor!r} applies to pruneserve only, not {kind!r}")
     if kind == "pruneserve":
         entry = ["-m", "pruneserve.cli"] if floor is None else [str(BENCH_DIR / "floor_server.py"), "--floor", floor]
-        cmd = [python_exe(), *entry, "serve", str(artifact), "--host", "127.0.0.1", "--no-http",
+        cmd = [python_exe(), *entry, "serve", str(artifact), "--host", "127.0.0.1", "--http-port", str(http_port),
                "--metrics-host", "127.0.0.1", *common, *extra_args]  # fmt: skip
     elif kind == "triton":
         py = str(ensure_triton_venv())
@@ -268,7 +299,7 @@ def serving(
     logger.info("starting %s: %s", kind, " ".join(cmd))
     with log.open("wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=cwd)
-    server = ServerProcess(kind, proc, grpc_port, metrics_port, model, log)
+    server = ServerProcess(kind, proc, grpc_port, metrics_port, model, log, http_port)
     try:
         _wait_ready(server, READY_TIMEOUT_S)
         yield server
@@ -337,6 +368,11 @@ class LoadSettings:
         # since a busy development machine never stabilises; full: long windows, 15%.
         return cls(1500, 3, NO_STABILITY) if quick else cls(5000, 10, 15)
 
+    @classmethod
+    def smoke(cls) -> LoadSettings:
+        """The shortest load: for tests that check the harness runs end to end, not what it measures."""
+        return cls(300, 3, NO_STABILITY)
+
     @property
     def timeout_s(self) -> float:
         return self.max_trials * (self.interval_ms / 1000) * 3 + 60
@@ -349,12 +385,22 @@ def write_input_data(texts: Sequence[str], path: Path) -> Path:
 
 
 def run_perf_analyzer(
-    pa: Path, server: ServerProcess, concurrency: int, input_json: Path, settings: LoadSettings, csv_out: Path
+    pa: Path,
+    server: ServerProcess,
+    concurrency: int,
+    input_json: Path,
+    settings: LoadSettings,
+    csv_out: Path,
+    protocol: str = "grpc",
 ) -> dict[str, Any]:
-    """One perf_analyzer run at one concurrency; falls back to no stability demand if it cannot stabilise."""
+    """One perf_analyzer run at one concurrency over ``protocol`` ('grpc' or 'http').
+
+    Falls back to no stability demand if it cannot stabilise.
+    """
+    url = server.url(protocol)
     for stability in dict.fromkeys((settings.stability_pct, NO_STABILITY)):
         cmd = [
-            str(pa), "-m", server.model, "-i", "grpc", "-u", f"127.0.0.1:{server.grpc_port}",
+            str(pa), "-m", server.model, "-i", protocol, "-u", url,
             "--input-data", str(input_json), "--concurrency-range", str(concurrency),
             "-p", str(settings.interval_ms), "-r", str(settings.max_trials), "-s", str(stability),
             "--percentile=99", "-f", str(csv_out),
@@ -364,7 +410,7 @@ def run_perf_analyzer(
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=settings.timeout_s)
         except subprocess.TimeoutExpired:
             raise BenchmarkError(
-                f"perf_analyzer at concurrency {concurrency} ran past {settings.timeout_s:.0f} s"
+                f"perf_analyzer over {protocol} at concurrency {concurrency} ran past {settings.timeout_s:.0f} s"
             ) from None
         after = scrape(server.metrics_port, COUNTERS[server.kind])
         if proc.returncode == 0 and csv_out.is_file():
@@ -378,7 +424,8 @@ def run_perf_analyzer(
             break
         logger.info("perf_analyzer did not stabilise at %d%%; measuring without the stability demand", stability)
     raise BenchmarkError(
-        f"perf_analyzer failed against {server.kind} at concurrency {concurrency} (exit {proc.returncode}):\n"
+        f"perf_analyzer failed against {server.kind} over {protocol} at concurrency {concurrency} "
+        f"(exit {proc.returncode}):\n"
         f"{(proc.stdout + proc.stderr).strip()[-800:]}"
     )
 
@@ -484,9 +531,20 @@ def server_runs(servers: Sequence[str], manifest: dict[str, Any]) -> list[tuple[
 
 
 def run_server_bench(
-    cfg: BenchConfig, artifacts: dict[str, Path], servers: Sequence[str] = ("pruneserve", "triton")
+    cfg: BenchConfig,
+    artifacts: dict[str, Path],
+    servers: Sequence[str] = ("pruneserve", "triton"),
+    concurrencies: Sequence[int] = CONCURRENCIES,
+    settings: LoadSettings | None = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Measure every server and the in-process ceiling at each concurrency; write server.csv/json."""
+    """Measure every server over every protocol of ``cfg.protocols`` and the in-process ceiling; write server.csv/json.
+
+    Every server is started first and stays up. Then, at each concurrency, every (server,
+    protocol) load runs back to back, each right after an in-process ceiling measurement, in an
+    order that rotates from one concurrency to the next (so no load always runs first, or
+    always right after the same other one). ``settings`` (default: ``cfg``'s mode) sets how long
+    perf_analyzer measures; :meth:`LoadSettings.smoke` is the shortest.
+    """
     notes: list[str] = []
     label, artifact = pick_artifact(artifacts)
     manifest = json.loads((artifact / "manifest.json").read_text())
@@ -495,30 +553,55 @@ def run_server_bench(
     work = cfg.out_dir / "server"
     work.mkdir(parents=True, exist_ok=True)
     input_json = write_input_data(texts, work / "input_data.json")
-    settings = LoadSettings.for_mode(cfg.quick)
+    settings = settings or LoadSettings.for_mode(cfg.quick)
     pa = ensure_perf_analyzer()
 
     runs = server_runs(servers, manifest)
     rows: list[dict[str, Any]] = []
     seconds = min(20.0, settings.interval_ms / 1000 * settings.max_trials)
-    # The ceiling is measured once up front and again right before each server's load at the
-    # same concurrency (the server idle meanwhile), and reported as the median: on a shared
-    # machine the load moves, and a ceiling taken minutes before a server's run would compare
-    # that server with another moment's machine.
+    # The ceiling is measured once up front and again right before every load at the same
+    # concurrency (the servers idle meanwhile), and reported as the median: on a shared machine
+    # the load moves, and a ceiling taken minutes before a server's run would compare that
+    # server with another moment's machine.
     ceilings: dict[int, list[dict[str, Any]]] = {
-        c: [inprocess_ceiling(artifact, cfg.threads, texts, c, seconds)] for c in CONCURRENCIES
+        c: [inprocess_ceiling(artifact, cfg.threads, texts, c, seconds)] for c in concurrencies
     }
-    for name, kind, extra in runs:
-        try:
-            with serving(kind, artifact, model, cfg.threads, work, extra) as srv:
-                for c in CONCURRENCIES:
-                    ceilings[c].append(inprocess_ceiling(artifact, cfg.threads, texts, c, seconds))
-                    row = run_perf_analyzer(pa, srv, c, input_json, settings, work / f"{name}_c{c}.csv")
-                    rows.append({"server": name, "concurrency": c, "engine_args": " ".join(extra), **row})
-        except BenchmarkError as exc:
-            logger.error("%s: %s", name, exc)
-            notes.append(f"{name} could not be measured: {str(exc).splitlines()[0]}")
-    rows[:0] = [{"server": "in-process", "concurrency": c, **_median_ceiling(ceilings[c])} for c in CONCURRENCIES]
+    with ExitStack() as stack:
+        # An idle server costs nothing measurable (ONNX Runtime spins only inside a run), so all
+        # stay up and the loads of one concurrency compare servers and protocols side by side.
+        loads: list[tuple[str, ServerProcess, list[str], str]] = []
+        for name, kind, extra in runs:
+            try:
+                srv = stack.enter_context(serving(kind, artifact, model, cfg.threads, work, extra))
+            except BenchmarkError as exc:
+                logger.error("%s: %s", name, exc)
+                notes.append(f"{name} could not be measured: {str(exc).splitlines()[0]}")
+                continue
+            loads += [(name, srv, extra, protocol) for protocol in cfg.protocols]
+        for i, c in enumerate(concurrencies):
+            k = i % len(loads) if loads else 0
+            for name, srv, extra, protocol in loads[k:] + loads[:k]:
+                if srv.proc.poll() is not None:
+                    notes.append(f"{name} over {protocol} at c={c} not measured: the server exited "
+                                 f"with {srv.proc.returncode} (log: {srv.log})")  # fmt: skip
+                    continue
+                ceilings[c].append(inprocess_ceiling(artifact, cfg.threads, texts, c, seconds))
+                csv_out = work / f"{name}_{protocol}_c{c}.csv"
+                try:
+                    row = run_perf_analyzer(pa, srv, c, input_json, settings, csv_out, protocol)
+                except BenchmarkError as exc:
+                    logger.error("%s over %s at c=%d: %s", name, protocol, c, exc)
+                    notes.append(f"{name} over {protocol} at c={c} could not be measured: {str(exc).splitlines()[0]}")
+                    continue
+                rows.append({"server": name, "protocol": protocol, "concurrency": c, "engine_args": " ".join(extra),
+                             **row})  # fmt: skip
+    # Grouped for reading (server, then protocol, then concurrency), whatever order they ran in.
+    order = {name: n for n, (name, _, _) in enumerate(runs)}
+    rows.sort(key=lambda r: (order[r["server"]], cfg.protocols.index(r["protocol"]), r["concurrency"]))
+    rows[:0] = [
+        {"server": "in-process", "protocol": "", "concurrency": c, **_median_ceiling(ceilings[c])}
+        for c in concurrencies
+    ]
     _add_ratios(rows)
     for r in rows:
         r["artifact"] = label
@@ -538,12 +621,30 @@ def _median_ceiling(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def row_protocol(row: Mapping[str, Any]) -> str:
+    """A row's protocol: '' for the in-process ceiling, 'grpc' for rows written before HTTP was measured."""
+    if row["server"] == "in-process":
+        return ""
+    return str(row.get("protocol") or "grpc")
+
+
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
-    by = {(r["server"], r["concurrency"]): r for r in rows}
+    """Each row's ratios to the figures it is compared with at the same concurrency.
+
+    ``vs_inprocess`` / ``p50_over_inprocess_ms``: to the in-process ceiling; ``vs_triton`` /
+    ``p99_vs_triton``: to Triton over the same protocol; ``vs_grpc`` / ``p99_vs_grpc``: an HTTP
+    row to the same server over gRPC (NaN where there is nothing to compare with).
+    """
+    nan = float("nan")
+    by = {(r["server"], row_protocol(r), r["concurrency"]): r for r in rows}
     for r in rows:
-        c = r["concurrency"]
-        ceiling, triton = by.get(("in-process", c)), by.get(("triton", c))
-        r["vs_inprocess"] = r["throughput_infer_s"] / ceiling["throughput_infer_s"] if ceiling else float("nan")
-        r["vs_triton"] = r["throughput_infer_s"] / triton["throughput_infer_s"] if triton else float("nan")
-        r["p99_vs_triton"] = r["p99_ms"] / triton["p99_ms"] if triton else float("nan")
-        r["p50_over_inprocess_ms"] = r["p50_ms"] - ceiling["p50_ms"] if ceiling else float("nan")
+        c, protocol = r["concurrency"], row_protocol(r)
+        ceiling = by.get(("in-process", "", c))
+        triton = by.get(("triton", protocol, c)) if protocol else None
+        grpc = by.get((r["server"], "grpc", c)) if protocol and protocol != "grpc" else None
+        r["vs_inprocess"] = r["throughput_infer_s"] / ceiling["throughput_infer_s"] if ceiling else nan
+        r["vs_triton"] = r["throughput_infer_s"] / triton["throughput_infer_s"] if triton else nan
+        r["p99_vs_triton"] = r["p99_ms"] / triton["p99_ms"] if triton else nan
+        r["vs_grpc"] = r["throughput_infer_s"] / grpc["throughput_infer_s"] if grpc else nan
+        r["p99_vs_grpc"] = r["p99_ms"] / grpc["p99_ms"] if grpc else nan
+        r["p50_over_inprocess_ms"] = r["p50_ms"] - ceiling["p50_ms"] if ceiling else nan

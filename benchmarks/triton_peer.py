@@ -8,8 +8,10 @@ ONNX Runtime session and ``tokenizers`` tokenizer the pruneserve server would, s
 between the two serving stacks, not between two models.
 
 Triton's own dynamic batcher forms the batches; the inference callable tokenizes the batch
-(padding to its longest text) and runs one ``session.run``. Every endpoint is bound to
-127.0.0.1. The process serves until SIGTERM/SIGINT.
+(padding to its longest text) and runs one ``session.run``. Triton serves gRPC on
+``--grpc-port`` and KServe v2 HTTP/REST on ``--http-port`` (its own HTTP endpoint, which the
+server benchmark drives with ``perf_analyzer -i http``), metrics on ``--metrics-port``; every
+endpoint is bound to 127.0.0.1. The process serves until SIGTERM/SIGINT.
 
 Two things are needed for PyTriton's bundled Triton to start from a venv:
 
@@ -91,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("artifact", type=Path, help="a pruneserve artifact directory")
     p.add_argument("--grpc-port", type=int, required=True)
-    p.add_argument("--http-port", type=int, required=True)
+    p.add_argument("--http-port", type=int, required=True, help="Triton's HTTP/REST (KServe v2) port")
     p.add_argument("--metrics-port", type=int, required=True)
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-queue-delay-ms", type=float, default=2.0)
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             strict=False,
         )
         triton.run()
-        logger.info("serving %s on 127.0.0.1:%d (gRPC)", name, args.grpc_port)
+        logger.info("serving %s on 127.0.0.1:%d (gRPC) and 127.0.0.1:%d (HTTP)", name, args.grpc_port, args.http_port)
         print("TRITON_PEER_READY", flush=True)
         stop.wait()
     return 0

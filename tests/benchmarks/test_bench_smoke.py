@@ -30,7 +30,7 @@ transformers = pytest.importorskip("transformers")
 
 from benchmarks import tables  # noqa: E402
 from benchmarks.__main__ import run  # noqa: E402
-from benchmarks._common import BenchConfig, default_model_dir  # noqa: E402
+from benchmarks._common import BenchConfig, cpu_class, default_model_dir, machine_info  # noqa: E402
 from benchmarks.ceilings import model_flops  # noqa: E402
 from benchmarks.model import export_original  # noqa: E402
 from benchmarks.optimizer_bench import find_stage_timings  # noqa: E402
@@ -77,7 +77,11 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 
 def test_model_and_scaling_end_to_end(tiny_model: Path, tiny_artifact: Path, tmp_path: Path) -> None:
     md = tmp_path / "BENCHMARKS.md"
-    md.write_text("# B\n\nprose stays\n\n<!-- bench:model:start -->\nold\n<!-- bench:model:end -->\n")
+    cls = machine_info("")["cpu_class"]  # whichever class this CPU is: the run writes into its block
+    md.write_text(
+        f"# B\n\nprose stays\n\n<!-- bench:{cls}:start -->\n<!-- bench:{cls}:model:start -->\nold\n"
+        f"<!-- bench:{cls}:model:end -->\n<!-- bench:{cls}:end -->\n"
+    )
     cfg = BenchConfig(
         mode="quick", out_dir=tmp_path / "results", only=("model", "scaling"), threads=1,
         model_dir=tiny_model, artifacts={"pruneserve-tiny": tiny_artifact}, command="pytest smoke",
@@ -123,11 +127,12 @@ def test_model_and_scaling_end_to_end(tiny_model: Path, tiny_artifact: Path, tmp
 
     text = md.read_text()
     assert "prose stays" in text and "old" not in text
-    assert "`pruneserve-tiny`" in text and "<!-- bench:scaling:start -->" in text
+    assert "`pruneserve-tiny`" in text and f"<!-- bench:{cls}:scaling:start -->" in text
+    assert text.index(f"<!-- bench:{cls}:scaling:end -->") < text.index(f"<!-- bench:{cls}:end -->")
     # A partial run stamps the sections it rewrote with its command; the machine section and
     # machine.json describe the last full run, so it leaves them alone.
     assert text.count("_Measured in a separate run: `pytest smoke`") == 3  # pruning, model, scaling
-    assert "<!-- bench:machine:start -->" not in text
+    assert "machine:start -->" not in text
     assert not (cfg.out_dir / "machine.json").exists()
 
 
@@ -140,33 +145,85 @@ def test_model_flops_match_the_arithmetic(tiny_artifact: Path) -> None:
 
 def test_update_markdown_replaces_only_named_sections(tmp_path: Path) -> None:
     md = tmp_path / "B.md"
-    md.write_text("intro\n<!-- bench:server:start -->\nS\n<!-- bench:server:end -->\ntail\n")
-    tables.update_markdown(md, {"model": "M1"})
-    tables.update_markdown(md, {"model": "M2"})
+    md.write_text(
+        "intro\n<!-- bench:avx2:start -->\n<!-- bench:avx2:server:start -->\nS\n<!-- bench:avx2:server:end -->\n"
+        "<!-- bench:avx2:end -->\ntail\n"
+    )
+    tables.update_markdown(md, {"model": "M1"}, "avx2", "AVX2")
+    tables.update_markdown(md, {"model": "M2"}, "avx2", "AVX2")
     text = md.read_text()
-    assert text.count("<!-- bench:model:start -->") == 1 and "M2" in text and "M1" not in text
+    assert text.count("<!-- bench:avx2:model:start -->") == 1 and "M2" in text and "M1" not in text
+    assert text.index("M2") < text.index("<!-- bench:avx2:end -->") < text.index("tail")
     assert "\nS\n" in text and text.startswith("intro") and "tail" in text
     with pytest.raises(ValueError, match="unknown section"):
-        tables.update_markdown(md, {"nope": "x"})
+        tables.update_markdown(md, {"nope": "x"}, "avx2", "AVX2")
+
+
+def test_update_markdown_keeps_one_block_per_cpu_class(tmp_path: Path) -> None:
+    md = tmp_path / "B.md"
+    tables.update_markdown(md, {"server": "A1"}, "avx2", "AVX2-only CPUs")
+    tables.update_markdown(md, {"server": "V1", "machine": "VM"}, "avx512-vnni-bf16", "AVX-512 VNNI + bf16 CPUs")
+    tables.update_markdown(md, {"server": "V2"}, "avx512-vnni-bf16", "AVX-512 VNNI + bf16 CPUs")
+    text = md.read_text()
+    # Another class's run never touches this class's figures, and each class is measured once.
+    assert "A1" in text and "V2" in text and "V1" not in text and "VM" in text
+    assert text.count("## AVX-512 VNNI + bf16 CPUs") == 1 and text.count("## AVX2-only CPUs") == 1
+    assert text.index("<!-- bench:avx2:end -->") < text.index("<!-- bench:avx512-vnni-bf16:start -->")
+    assert text.index("V2") < text.index("<!-- bench:avx512-vnni-bf16:end -->")
+    with pytest.raises(ValueError, match="cpu class"):
+        tables.update_markdown(md, {"server": "x"}, "AVX 2", "x")
+
+
+def test_cpu_class_is_the_first_whose_flags_are_present() -> None:
+    assert cpu_class(["avx2", "avx512_vnni", "avx512_bf16"])[0] == "avx512-vnni-bf16"
+    assert cpu_class(["avx2", "avx512_vnni"])[0] == "avx512-vnni"
+    assert cpu_class(["avx", "avx2", "fma"])[0] == "avx2"
+    assert cpu_class(["avx2", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16"])[0] == "amx"
+    assert cpu_class([])[0] == "generic"
 
 
 def test_server_targets_verdicts() -> None:
-    rows = []
-    for c in (1, 4, 16):
-        rows += [
-            {"server": "in-process", "concurrency": c, "throughput_infer_s": 100.0, "p50_ms": 5.0, "p99_ms": 9.0},
-            {"server": "pruneserve", "concurrency": c, "throughput_infer_s": 95.0, "p50_ms": 5.5, "p99_ms": 8.0},
-            {"server": "triton", "concurrency": c, "throughput_infer_s": 70.0, "p50_ms": 7.0, "p99_ms": 12.0},
-        ]
+    rows = [
+        {"server": "in-process", "protocol": "", "concurrency": c, "throughput_infer_s": 100.0, "p50_ms": 5.0,
+         "p99_ms": 9.0}
+        for c in (1, 4, 16)
+    ]  # fmt: skip
+    for protocol, slower in (("grpc", 1.0), ("http", 0.9)):
+        for c in (1, 4, 16):
+            rows += [
+                {"server": "pruneserve", "protocol": protocol, "concurrency": c, "throughput_infer_s": 95.0 * slower,
+                 "p50_ms": 5.5, "p99_ms": 8.0 / slower},
+                {"server": "triton", "protocol": protocol, "concurrency": c, "throughput_infer_s": 70.0,
+                 "p50_ms": 7.0, "p99_ms": 12.0},
+            ]  # fmt: skip
     from benchmarks.server import _add_ratios
 
     _add_ratios(rows)
     text = tables.targets_table(rows)
+    assert "gRPC: throughput at c=16 vs in-process" in text and "HTTP: throughput at c=16 vs in-process" in text
     assert "95%" in text and "1.36x" in text and "+0.50 ms" in text
-    assert "**behind**" not in text
-    rows[-2]["throughput_infer_s"] = 80.0  # pruneserve at c=16 drops to 80% of in-process
+    assert "86%" in text and "1.22x" in text  # HTTP: 85.5 texts/s against 100 in-process and 70 for Triton
+    assert text.count("**behind**") == 1  # HTTP's 86% of in-process
+    http16 = next(r for r in rows if r["server"] == "pruneserve" and r["protocol"] == "http" and r["concurrency"] == 16)
+    assert http16["vs_grpc"] == pytest.approx(0.9) and http16["vs_triton"] == pytest.approx(85.5 / 70)
+    grpc16 = next(r for r in rows if r["server"] == "pruneserve" and r["protocol"] == "grpc" and r["concurrency"] == 16)
+    grpc16["throughput_infer_s"] = 80.0  # pruneserve over gRPC at c=16 drops to 80% of in-process
     _add_ratios(rows)
-    assert "**behind**" in tables.targets_table(rows)
+    assert tables.targets_table(rows).count("**behind**") == 3  # and 80 / 70 = 1.14x Triton < 1.2x
+    section = tables.server_section(rows, [])
+    assert "| pruneserve | http | 16 |" in section and "vs own gRPC" in section
+
+
+def test_rows_without_a_protocol_are_grpc_rows() -> None:
+    from benchmarks.server import _add_ratios
+
+    rows = [
+        {"server": "in-process", "concurrency": 16, "throughput_infer_s": 100.0, "p50_ms": 5.0, "p99_ms": 9.0},
+        {"server": "pruneserve", "concurrency": 16, "throughput_infer_s": 95.0, "p50_ms": 5.5, "p99_ms": 8.0},
+        {"server": "triton", "concurrency": 16, "throughput_infer_s": 70.0, "p50_ms": 7.0, "p99_ms": 12.0},
+    ]
+    _add_ratios(rows)
+    assert rows[1]["vs_triton"] == pytest.approx(95 / 70) and rows[1]["vs_inprocess"] == pytest.approx(0.95)
 
 
 def test_server_runs_time_one_engine_and_add_the_recorded_one() -> None:
@@ -321,3 +378,32 @@ def test_inprocess_ceiling_pauses_between_batches(tiny_artifact: Path) -> None:
     paused = inprocess_ceiling(tiny_artifact, 1, texts, 1, 0.05, pause_s=0.02)
     assert "pause" not in plain["command"] and "20 ms pause" in paused["command"]
     assert paused["throughput_infer_s"] <= 1 / 0.02  # an upper bound the pause implies, not a speed
+
+
+def test_server_bench_drives_pruneserve_over_grpc_and_http(tiny_artifact: Path, tmp_path: Path) -> None:
+    """perf_analyzer, unchanged, loads the server over both protocols in one run (issue 20)."""
+    from benchmarks.server import LoadSettings, run_server_bench
+
+    cfg = BenchConfig(
+        mode="quick", out_dir=tmp_path / "results", only=("server",), threads=1,
+        artifacts={"pruneserve-tiny": tiny_artifact}, command="pytest smoke",
+    )  # fmt: skip
+    rows, notes = run_server_bench(
+        cfg, cfg.artifacts, servers=("pruneserve",), concurrencies=(1, 4), settings=LoadSettings.smoke()
+    )
+    assert notes == []
+    measured = {(r["server"], r["protocol"], r["concurrency"]) for r in rows}
+    assert measured == {("in-process", "", 1), ("in-process", "", 4)} | {
+        ("pruneserve", p, c) for p in ("grpc", "http") for c in (1, 4)
+    }
+    for r in rows:
+        assert r["throughput_infer_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0, r
+    for r in rows:
+        if r["server"] == "pruneserve":
+            # The server's own counters saw the load perf_analyzer sent over each protocol.
+            assert r["mean_batch_size"] >= 1, r
+        if r["protocol"] == "http":
+            assert r["vs_grpc"] > 0, r  # compared with the same server over gRPC at the same concurrency
+    saved = json.loads((cfg.out_dir / "server.json").read_text())
+    assert {r["protocol"] for r in saved} == {"", "grpc", "http"}
+    assert "| pruneserve | http | 4 |" in tables.server_section(rows, notes)
